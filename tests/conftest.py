@@ -13,3 +13,22 @@ def tokenizer_model(tmp_path_factory) -> str:
     from tests.spm import train_tokenizer
 
     return train_tokenizer(str(tmp_path_factory.mktemp("spm") / "tokenizer.model"))
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory, tokenizer_model):
+    """hf_checkpoint(preset_name, fmt="safetensors", num_shards=2, seed=0) -> a random HF-layout dir (cached)."""
+    from bluelm_jax.config import preset
+    from tests.hf_reference import write_hf_checkpoint
+
+    made: dict = {}
+
+    def make(name: str, fmt: str = "safetensors", num_shards: int = 2, seed: int = 0) -> str:
+        key = (name, fmt, num_shards, seed)
+        if key not in made:
+            directory = str(tmp_path_factory.mktemp(f"hf-{name}-{fmt}-{num_shards}-{seed}"))
+            made[key] = write_hf_checkpoint(directory, preset(name), tokenizer_model, seed=seed,
+                                            num_shards=num_shards, fmt=fmt)
+        return made[key]
+
+    return make

@@ -1,0 +1,152 @@
+"""The BlueLM network as a pure function of (params, tokens, positions, cache).
+
+BlueLM is LLaMA plus a LayerNorm on the token embeddings. Layers are stacked on a leading
+axis of every per-layer weight (see params.py) and run with `lax.scan`, so the compiled
+program has one layer body whatever the depth. Norms, softmax and logits are float32;
+matrix products run in `compute_dtype` (float32 on CPU, bfloat16 on GPU/TPU).
+
+The KV cache is preallocated: `[layers, batch, max_len, kv_heads, head_dim]`, written in
+place with `dynamic_update_slice`. Rows of a batch share one write index: prompts of
+different lengths are left-padded, and `start[b]` is the first real slot of row b.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from bluelm_jax.config import BlueLMConfig
+from bluelm_jax.rope import apply_rope, sin_cos
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    index: jax.Array  # [] int32: slots filled so far (the same for every row)
+    start: jax.Array  # [batch] int32: first valid slot of each row
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(config: BlueLMConfig, batch: int, max_len: int, dtype=jnp.float32,
+               start: Optional[jax.Array] = None) -> KVCache:
+    """An empty cache of `max_len` slots; `start` [batch] marks each row's left padding."""
+    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32), start)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """w * x / sqrt(mean(x^2) + eps), in float32. x: [..., hidden]."""
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    return weight.astype(jnp.float32) * x
+
+
+def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """Standard LayerNorm over the last axis, in float32."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * weight.astype(jnp.float32) + bias.astype(jnp.float32)
+
+
+def attention_mask(query_slots: jax.Array, num_slots: int, start: jax.Array) -> jax.Array:
+    """[batch, seq, num_slots] bool: slot s is visible to a query at slot q iff start <= s <= q.
+
+    query_slots: [seq] int32, start: [batch] int32
+    """
+    slots = jnp.arange(num_slots, dtype=jnp.int32)
+    causal = slots[None, :] <= query_slots[:, None]  # [seq, num_slots]
+    after_padding = slots[None, :] >= start[:, None]  # [batch, num_slots]
+    return causal[None, :, :] & after_padding[:, None, :]
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention with grouped KV heads; scores and softmax in float32.
+
+    q: [batch, seq, heads, head_dim]; k, v: [batch, slots, kv_heads, head_dim];
+    mask: [batch, seq, slots] bool. Returns [batch, seq, heads, head_dim].
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)  # [batch, seq, kv_heads, group, head_dim]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [batch, kv_heads, group, seq, slots]
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def _matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    return jnp.matmul(x.astype(dtype), w.astype(dtype))
+
+
+def forward(params: dict, tokens: jax.Array, positions: jax.Array, config: BlueLMConfig,
+            cache: Optional[KVCache] = None, start: Optional[jax.Array] = None,
+            compute_dtype=jnp.float32, last_only: bool = False) -> tuple[jax.Array, Optional[KVCache]]:
+    """Logits of the next token at every position (or only the last with `last_only`).
+
+    tokens, positions: [batch, seq] int32.
+    Without a cache, attention is causal over `tokens`, with keys before `start[b]` masked.
+    With a cache, the new keys/values go to slots [index, index + seq), each query sees
+    slots start[b] .. its own, and the returned cache has index + seq.
+    Returns logits [batch, seq or 1, vocab] float32, and the updated cache (or None).
+    config, compute_dtype and last_only are static under jit.
+    """
+    c = config
+    batch, seq = tokens.shape
+    heads, kv_heads, head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+
+    x = jnp.take(params["embed_tokens"], tokens, axis=0)  # [batch, seq, hidden]
+    if c.use_stable_embedding:
+        ln = params["embed_layer_norm"]
+        x = layer_norm(x, ln["weight"], ln["bias"], c.rms_norm_eps)
+    x = x.astype(compute_dtype)
+
+    sin, cos = sin_cos(positions, c)  # [batch, seq, head_dim // 2]
+    if cache is None:
+        index = jnp.zeros((), jnp.int32)
+        start = jnp.zeros((batch,), jnp.int32) if start is None else start
+        num_slots = seq
+    else:
+        index, start, num_slots = cache.index, cache.start, cache.max_len
+    mask = attention_mask(index + jnp.arange(seq, dtype=jnp.int32), num_slots, start)  # [batch, seq, slots]
+
+    def layer(carry, layer_params):
+        x, kv, i = carry  # x: [batch, seq, hidden]; kv: (k, v) caches or None; i: layer index
+        p = layer_params
+        h = rms_norm(x, p["input_layernorm"], c.rms_norm_eps)
+        q = _matmul(h, p["q_proj"], compute_dtype).reshape(batch, seq, heads, head_dim)
+        k = _matmul(h, p["k_proj"], compute_dtype).reshape(batch, seq, kv_heads, head_dim)
+        v = _matmul(h, p["v_proj"], compute_dtype).reshape(batch, seq, kv_heads, head_dim)
+        q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+        if kv is not None:
+            k_cache, v_cache = kv  # [layers, batch, max_len, kv_heads, head_dim]
+            at = (i, 0, index, 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
+            kv = (k_cache, v_cache)
+            k = k_cache[i].astype(compute_dtype)  # [batch, max_len, kv_heads, head_dim]
+            v = v_cache[i].astype(compute_dtype)
+        a = dot_product_attention(q, k, v, mask).reshape(batch, seq, heads * head_dim)
+        x = x + _matmul(a, p["o_proj"], compute_dtype).astype(x.dtype)
+        h = rms_norm(x, p["post_attention_layernorm"], c.rms_norm_eps)
+        gate = jax.nn.silu(_matmul(h, p["gate_proj"], compute_dtype))
+        up = _matmul(h, p["up_proj"], compute_dtype)
+        x = x + _matmul(gate * up, p["down_proj"], compute_dtype).astype(x.dtype)
+        return (x, kv, i + 1), None
+
+    kv = None if cache is None else (cache.k, cache.v)
+    (x, kv, _), _ = jax.lax.scan(layer, (x, kv, jnp.zeros((), jnp.int32)), params["layers"])
+
+    if last_only:
+        x = x[:, -1:]
+    x = rms_norm(x, params["norm"], c.rms_norm_eps).astype(compute_dtype)
+    logits = jnp.matmul(x, params["lm_head"].astype(compute_dtype), preferred_element_type=jnp.float32)
+    new_cache = None if cache is None else KVCache(kv[0], kv[1], index + seq, start)
+    return logits, new_cache

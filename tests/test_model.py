@@ -1,0 +1,134 @@
+"""Per-component parity of the model's numerics with torch/transformers, and the KV cache."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama import modeling_llama
+
+from bluelm_jax import rope
+from bluelm_jax.config import NTKMIXED_32K, RopeScaling, preset
+from bluelm_jax.model import forward, init_cache, layer_norm, rms_norm
+from bluelm_jax.params import param_shapes
+from tests.hf_reference import ntkmixed_inv_freq_torch
+
+RNG = np.random.default_rng(0)
+
+
+def test_plain_inv_freq_matches_transformers():
+    config = preset("tiny")
+    llama = LlamaConfig(hidden_size=config.hidden_size, num_attention_heads=config.num_attention_heads)
+    ref, _ = modeling_llama.LlamaRotaryEmbedding.compute_default_rope_parameters(llama)
+    np.testing.assert_allclose(rope.inv_freq(config), ref.numpy(), rtol=1e-6)
+
+
+def test_ntkmixed_inv_freq_formula():
+    config = preset("tiny-32k")
+    plain = rope.inv_freq(preset("tiny")).astype(np.float64)
+    ntk = rope.inv_freq(config).astype(np.float64)
+    # The lowest frequency is divided by exactly `factor`, the highest by factor^(1/(d/2)^power).
+    np.testing.assert_allclose(ntk[-1], plain[-1] / 16.0, rtol=1e-6)
+    np.testing.assert_allclose(ntk[0], plain[0] / 16.0 ** (1 / 64**0.3), rtol=1e-6)
+    assert np.all(np.diff(plain / ntk) > 0)  # the stretch grows towards low frequencies
+    ref = ntkmixed_inv_freq_torch(128, 10000.0, 16.0, 0.3).numpy()
+    np.testing.assert_allclose(ntk, ref, rtol=2e-6)
+
+
+def test_linear_scaling_matches_transformers():
+    config = preset("tiny").replace(rope_scaling=RopeScaling("linear", 4.0))
+    llama = LlamaConfig(hidden_size=config.hidden_size, num_attention_heads=config.num_attention_heads,
+                        rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
+    rotary = modeling_llama.LlamaRotaryEmbedding(llama)
+    np.testing.assert_allclose(rope.inv_freq(config), rotary.inv_freq.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(rope.inv_freq(config), rope.inv_freq(preset("tiny")) / 4.0, rtol=1e-7)
+    positions = np.arange(0, 3000, 7)[None]
+    cos_ref, sin_ref = rotary(torch.zeros(1), torch.from_numpy(positions))
+    sin, cos = rope.sin_cos(jnp.asarray(positions), config)
+    half = config.head_dim // 2
+    # The two float32 tables differ by an ulp in a few entries: ~1e-5 at these angles.
+    np.testing.assert_allclose(np.asarray(cos), cos_ref.numpy()[..., :half], atol=5e-5)
+    np.testing.assert_allclose(np.asarray(sin), sin_ref.numpy()[..., :half], atol=5e-5)
+
+
+def test_apply_rope_matches_transformers_rotate_half():
+    config = preset("tiny")
+    x = RNG.standard_normal((2, 9, 3, config.head_dim)).astype(np.float32)  # [batch, seq, heads, head_dim]
+    positions = RNG.integers(0, 2048, (2, 9))
+    sin, cos = rope.sin_cos(jnp.asarray(positions), config)
+    ours = rope.apply_rope(jnp.asarray(x), sin, cos)
+    cos_full = np.concatenate([np.asarray(cos)] * 2, -1)  # [batch, seq, head_dim]
+    sin_full = np.concatenate([np.asarray(sin)] * 2, -1)
+    xt = torch.from_numpy(x.transpose(0, 2, 1, 3))  # [batch, heads, seq, head_dim]
+    ref, _ = modeling_llama.apply_rotary_pos_emb(xt, xt, torch.from_numpy(cos_full), torch.from_numpy(sin_full))
+    np.testing.assert_allclose(np.asarray(ours), ref.numpy().transpose(0, 2, 1, 3), atol=1e-6)
+
+
+def test_norms_match_torch():
+    x = RNG.standard_normal((3, 5, 64)).astype(np.float32) * 3
+    w, b = RNG.standard_normal(64).astype(np.float32), RNG.standard_normal(64).astype(np.float32)
+    ref_rms = modeling_llama.LlamaRMSNorm(64, eps=1e-6)
+    ref_rms.weight.data = torch.from_numpy(w)
+    np.testing.assert_allclose(np.asarray(rms_norm(jnp.asarray(x), w, 1e-6)),
+                               ref_rms(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+    ref_ln = torch.nn.functional.layer_norm(torch.from_numpy(x), (64,), torch.from_numpy(w), torch.from_numpy(b), 1e-6)
+    np.testing.assert_allclose(np.asarray(layer_norm(jnp.asarray(x), w, b, 1e-6)), ref_ln.numpy(), atol=1e-5)
+
+
+def random_params(config, seed=0):
+    shapes = param_shapes(config)
+    leaves, tree = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [0.08 * jax.random.normal(k, s) for k, s in zip(keys, leaves)])
+
+
+@pytest.mark.parametrize("name", ["tiny-gqa", "tiny-32k"])
+def test_cached_steps_equal_one_forward(name):
+    config = preset(name)
+    params = random_params(config)
+    tokens = jnp.asarray(RNG.integers(0, config.vocab_size, (2, 24)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(24, dtype=jnp.int32), (2, 24))
+    full, _ = forward(params, tokens, positions, config)
+    cache = init_cache(config, 2, 32)
+    pieces = []
+    for lo, hi in [(0, 16), (16, 17), (17, 18), (18, 24)]:
+        logits, cache = forward(params, tokens[:, lo:hi], positions[:, lo:hi], config, cache)
+        pieces.append(logits)
+    assert int(cache.index) == 24
+    np.testing.assert_allclose(np.concatenate(pieces, 1), np.asarray(full), atol=1e-5)
+
+
+def test_left_padding_is_invisible():
+    config = preset("tiny")
+    params = random_params(config, seed=1)
+    tokens = RNG.integers(4, config.vocab_size, (1, 10))
+    pad = 5
+    padded = np.concatenate([np.full((1, pad), config.pad_token_id), tokens], 1)
+    alone, _ = forward(params, jnp.asarray(tokens, jnp.int32), jnp.arange(10, dtype=jnp.int32)[None], config)
+    positions = np.maximum(0, np.arange(10 + pad) - pad)[None]
+    start = jnp.asarray([pad], jnp.int32)
+    batched, _ = forward(params, jnp.asarray(padded, jnp.int32), jnp.asarray(positions, jnp.int32), config, start=start)
+    np.testing.assert_allclose(np.asarray(batched)[:, pad:], np.asarray(alone), atol=1e-5)
+    cache = init_cache(config, 1, 32, start=start)
+    cached, cache = forward(params, jnp.asarray(padded, jnp.int32), jnp.asarray(positions, jnp.int32), config, cache)
+    np.testing.assert_allclose(np.asarray(cached)[:, pad:], np.asarray(alone), atol=1e-5)
+
+
+def test_last_only_logits():
+    config = preset("tiny")
+    params = random_params(config)
+    tokens = jnp.asarray(RNG.integers(0, config.vocab_size, (2, 7)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(7, dtype=jnp.int32), (2, 7))
+    full, _ = forward(params, tokens, positions, config)
+    last, _ = forward(params, tokens, positions, config, last_only=True)
+    assert last.shape == (2, 1, config.vocab_size)
+    np.testing.assert_allclose(np.asarray(last[:, 0]), np.asarray(full[:, -1]), atol=1e-6)
+
+
+def test_ntkmixed_preset_context():
+    assert preset("bluelm-7b-chat-32k").rope_scaling == NTKMIXED_32K
+    assert preset("bluelm-7b-chat-32k").context_length == 32768 and preset("bluelm-7b-chat").context_length == 2048
+    assert math.isclose(preset("bluelm-7b-base").num_parameters() / 1e9, 7.296, rel_tol=1e-3)
