@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from bluelm_jax.attention import attention_mask, dot_product_attention
 from bluelm_jax.config import BlueLMConfig
 from bluelm_jax.rope import apply_rope, sin_cos
 
@@ -53,33 +54,6 @@ def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> 
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + eps) * weight.astype(jnp.float32) + bias.astype(jnp.float32)
-
-
-def attention_mask(query_slots: jax.Array, num_slots: int, start: jax.Array) -> jax.Array:
-    """[batch, seq, num_slots] bool: slot s is visible to a query at slot q iff start <= s <= q.
-
-    query_slots: [seq] int32, start: [batch] int32
-    """
-    slots = jnp.arange(num_slots, dtype=jnp.int32)
-    causal = slots[None, :] <= query_slots[:, None]  # [seq, num_slots]
-    after_padding = slots[None, :] >= start[:, None]  # [batch, num_slots]
-    return causal[None, :, :] & after_padding[:, None, :]
-
-
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention with grouped KV heads; scores and softmax in float32.
-
-    q: [batch, seq, heads, head_dim]; k, v: [batch, slots, kv_heads, head_dim];
-    mask: [batch, seq, slots] bool. Returns [batch, seq, heads, head_dim].
-    """
-    b, t, h, d = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, d)  # [batch, seq, kv_heads, group, head_dim]
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [batch, kv_heads, group, seq, slots]
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
 
 
 def _matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
