@@ -56,21 +56,32 @@ def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> 
     return (x - mean) * jax.lax.rsqrt(var + eps) * weight.astype(jnp.float32) + bias.astype(jnp.float32)
 
 
+class Adapters(NamedTuple):
+    """Low-rank adapters (LoRA) on some projections: y = x W + scale * (x A) B."""
+
+    a: dict  # projection name -> [layers, in, rank]
+    b: dict  # projection name -> [layers, rank, out]
+    scale: jax.Array  # [] float32: alpha / rank
+
+
 def _matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     return jnp.matmul(x.astype(dtype), w.astype(dtype))
 
 
 def forward(params: dict, tokens: jax.Array, positions: jax.Array, config: BlueLMConfig,
             cache: Optional[KVCache] = None, start: Optional[jax.Array] = None,
-            compute_dtype=jnp.float32, last_only: bool = False) -> tuple[jax.Array, Optional[KVCache]]:
+            compute_dtype=jnp.float32, last_only: bool = False, adapters: Optional[Adapters] = None,
+            remat: bool = False) -> tuple[jax.Array, Optional[KVCache]]:
     """Logits of the next token at every position (or only the last with `last_only`).
 
     tokens, positions: [batch, seq] int32.
     Without a cache, attention is causal over `tokens`, with keys before `start[b]` masked.
     With a cache, the new keys/values go to slots [index, index + seq), each query sees
     slots start[b] .. its own, and the returned cache has index + seq.
+    `adapters` adds LoRA terms to the projections they name; `remat` recomputes each layer's
+    activations in the backward pass instead of storing them.
     Returns logits [batch, seq or 1, vocab] float32, and the updated cache (or None).
-    config, compute_dtype and last_only are static under jit.
+    config, compute_dtype, last_only and remat are static under jit.
     """
     c = config
     batch, seq = tokens.shape
@@ -91,13 +102,21 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, config: BlueL
         index, start, num_slots = cache.index, cache.start, cache.max_len
     mask = attention_mask(index + jnp.arange(seq, dtype=jnp.int32), num_slots, start)  # [batch, seq, slots]
 
-    def layer(carry, layer_params):
+    def layer(carry, layer_inputs):
         x, kv, i = carry  # x: [batch, seq, hidden]; kv: (k, v) caches or None; i: layer index
-        p = layer_params
+        p, lora_a, lora_b = layer_inputs  # this layer's weights and adapters
+
+        def project(h, name):
+            y = _matmul(h, p[name], compute_dtype)
+            if name in lora_a:
+                y = y + (adapters.scale * _matmul(_matmul(h, lora_a[name], compute_dtype),
+                                                  lora_b[name], compute_dtype)).astype(y.dtype)
+            return y
+
         h = rms_norm(x, p["input_layernorm"], c.rms_norm_eps)
-        q = _matmul(h, p["q_proj"], compute_dtype).reshape(batch, seq, heads, head_dim)
-        k = _matmul(h, p["k_proj"], compute_dtype).reshape(batch, seq, kv_heads, head_dim)
-        v = _matmul(h, p["v_proj"], compute_dtype).reshape(batch, seq, kv_heads, head_dim)
+        q = project(h, "q_proj").reshape(batch, seq, heads, head_dim)
+        k = project(h, "k_proj").reshape(batch, seq, kv_heads, head_dim)
+        v = project(h, "v_proj").reshape(batch, seq, kv_heads, head_dim)
         q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
         if kv is not None:
             k_cache, v_cache = kv  # [layers, batch, max_len, kv_heads, head_dim]
@@ -108,15 +127,18 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, config: BlueL
             k = k_cache[i].astype(compute_dtype)  # [batch, max_len, kv_heads, head_dim]
             v = v_cache[i].astype(compute_dtype)
         a = dot_product_attention(q, k, v, mask).reshape(batch, seq, heads * head_dim)
-        x = x + _matmul(a, p["o_proj"], compute_dtype).astype(x.dtype)
+        x = x + project(a, "o_proj").astype(x.dtype)
         h = rms_norm(x, p["post_attention_layernorm"], c.rms_norm_eps)
-        gate = jax.nn.silu(_matmul(h, p["gate_proj"], compute_dtype))
-        up = _matmul(h, p["up_proj"], compute_dtype)
-        x = x + _matmul(gate * up, p["down_proj"], compute_dtype).astype(x.dtype)
+        gate = jax.nn.silu(project(h, "gate_proj"))
+        up = project(h, "up_proj")
+        x = x + project(gate * up, "down_proj").astype(x.dtype)
         return (x, kv, i + 1), None
 
+    if remat:
+        layer = jax.checkpoint(layer)
     kv = None if cache is None else (cache.k, cache.v)
-    (x, kv, _), _ = jax.lax.scan(layer, (x, kv, jnp.zeros((), jnp.int32)), params["layers"])
+    layer_inputs = (params["layers"], {}, {}) if adapters is None else (params["layers"], adapters.a, adapters.b)
+    (x, kv, _), _ = jax.lax.scan(layer, (x, kv, jnp.zeros((), jnp.int32)), layer_inputs)
 
     if last_only:
         x = x[:, -1:]

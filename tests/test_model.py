@@ -12,7 +12,7 @@ from transformers.models.llama import modeling_llama
 
 from bluelm_jax import rope
 from bluelm_jax.config import NTKMIXED_32K, RopeScaling, preset
-from bluelm_jax.model import forward, init_cache, layer_norm, rms_norm
+from bluelm_jax.model import Adapters, forward, init_cache, layer_norm, rms_norm
 from bluelm_jax.params import param_shapes
 from tests.hf_reference import ntkmixed_inv_freq_torch
 
@@ -132,3 +132,31 @@ def test_ntkmixed_preset_context():
     assert preset("bluelm-7b-chat-32k").rope_scaling == NTKMIXED_32K
     assert preset("bluelm-7b-chat-32k").context_length == 32768 and preset("bluelm-7b-chat").context_length == 2048
     assert math.isclose(preset("bluelm-7b-base").num_parameters() / 1e9, 7.296, rel_tol=1e-3)
+
+
+def test_adapters_equal_merged_weights_and_remat_keeps_gradients():
+    config = preset("tiny")
+    params = random_params(config, seed=2)
+    layers, rank = config.num_hidden_layers, 4
+    tokens = jnp.asarray(RNG.integers(0, config.vocab_size, (1, 9)), jnp.int32)
+    positions = jnp.arange(9, dtype=jnp.int32)[None]
+    shapes = param_shapes(config)["layers"]
+    key_a, key_b = jax.random.split(jax.random.key(3))
+    a = {n: 0.1 * jax.random.normal(key_a, (layers, shapes[n][1], rank)) for n in ("q_proj", "down_proj")}
+    b = {n: 0.1 * jax.random.normal(key_b, (layers, rank, shapes[n][2])) for n in ("q_proj", "down_proj")}
+    adapters = Adapters(a, b, jnp.float32(2.0))
+    with_adapters, _ = forward(params, tokens, positions, config, adapters=adapters)
+    merged = jax.tree.map(lambda x: x, params)
+    for n in a:
+        merged["layers"][n] = params["layers"][n] + 2.0 * jnp.einsum("lir,lro->lio", a[n], b[n])
+    np.testing.assert_allclose(np.asarray(with_adapters), np.asarray(forward(merged, tokens, positions, config)[0]),
+                               atol=1e-5)
+    base, _ = forward(params, tokens, positions, config)
+    assert np.abs(np.asarray(with_adapters) - np.asarray(base)).max() > 1e-3
+
+    def loss(p, remat):
+        return forward(p, tokens, positions, config, remat=remat)[0].std()
+
+    grads, grads_remat = jax.grad(loss)(params, False), jax.grad(loss)(params, True)
+    for g, h in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(h), atol=1e-6)
