@@ -187,11 +187,11 @@ PRESETS: dict[str, BlueLMConfig] = {
     "bluelm-7b-chat": BlueLMConfig(),
     "bluelm-7b-base-32k": BlueLMConfig(rope_scaling=NTKMIXED_32K),
     "bluelm-7b-chat-32k": BlueLMConfig(rope_scaling=NTKMIXED_32K),
-    "tiny": BlueLMConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    "tiny": BlueLMConfig(vocab_size=640, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2),
-    "tiny-gqa": BlueLMConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    "tiny-gqa": BlueLMConfig(vocab_size=640, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2),
-    "tiny-32k": BlueLMConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    "tiny-32k": BlueLMConfig(vocab_size=640, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                              num_attention_heads=2, num_key_value_heads=2, rope_scaling=NTKMIXED_32K),
 }
 

@@ -1,0 +1,266 @@
+"""Save and restore the parameter tree with Orbax, in the layout of a converted directory.
+
+    <dir>/params/           Orbax PyTree checkpoint (OCDBT + zarr), leaves as in params.py
+    <dir>/config.json       the Hugging Face config.json
+    <dir>/tokenizer.model   the SentencePiece model
+    <dir>/bluelm_jax.json   {"format": "bluelm-jax", "layout_version": 1, "param_dtype": ...}
+
+Restoring always goes against an abstract tree of `jax.ShapeDtypeStruct`s that carry a
+sharding, so that with a mesh's NamedShardings every device reads only its own shard.
+Saving from a stream (`save_params_streaming`) writes block by block into the Orbax
+arrays, so that a checkpoint larger than memory never has to be held at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from typing import Any, Iterable, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from orbax.checkpoint import type_handlers
+
+from bluelm_jax.config import BlueLMConfig
+from bluelm_jax.params import PathT, flatten, get_path, param_shapes, set_path
+
+FORMAT_NAME = "bluelm-jax"
+LAYOUT_VERSION = 1
+METADATA_FILE = "bluelm_jax.json"
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+PARAM_DTYPES = ("bfloat16", "float32")
+CHUNK_BYTES = 32 * 1024 * 1024  # on-disk chunk size: small enough for sharded reads
+MAX_INFLIGHT_BYTES = 512 * 1024 * 1024  # streamed bytes handed to TensorStore and not yet written
+
+Block = tuple[PathT, tuple, np.ndarray]  # (leaf path, index into the leaf, value)
+Shardings = Union[None, jax.sharding.Sharding, dict]
+
+
+class CheckpointError(ValueError):
+    """A directory that is not a readable bluelm-jax checkpoint; the message is one line."""
+
+
+def dtype_name(dtype: Any) -> str:
+    """'bfloat16' or 'float32' for any spelling of those dtypes; raises CheckpointError otherwise."""
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = str(dtype)
+    if name not in PARAM_DTYPES:
+        raise CheckpointError(f"unsupported parameter dtype {dtype!r} (supported: {', '.join(PARAM_DTYPES)})")
+    return name
+
+
+# ------------------------------------------------------------------ metadata
+
+
+def is_converted_dir(directory: str | os.PathLike) -> bool:
+    """Whether `directory` looks like the output of the converter (has bluelm_jax.json)."""
+    return os.path.isfile(os.path.join(directory, METADATA_FILE))
+
+
+def write_metadata(directory: str | os.PathLike, param_dtype: str, **extra: Any) -> None:
+    """Writes bluelm_jax.json: format name, layout version, parameter dtype, and `extra`."""
+    meta = {"format": FORMAT_NAME, "layout_version": LAYOUT_VERSION, "param_dtype": dtype_name(param_dtype), **extra}
+    with open(os.path.join(directory, METADATA_FILE), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+
+
+def read_metadata(directory: str | os.PathLike) -> dict:
+    """Reads and validates bluelm_jax.json; raises CheckpointError on any mismatch."""
+    path = os.path.join(directory, METADATA_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: not a converted bluelm-jax checkpoint (no {METADATA_FILE})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path}: format is not {FORMAT_NAME!r}")
+    if meta.get("layout_version") != LAYOUT_VERSION:
+        raise CheckpointError(
+            f"{path}: layout version {meta.get('layout_version')!r}, this bluelm-jax reads version "
+            f"{LAYOUT_VERSION}; convert the Hugging Face checkpoint again")
+    dtype_name(meta.get("param_dtype"))
+    return meta
+
+
+# ------------------------------------------------------------------ abstract trees
+
+
+def _leaf_sharding(shardings: Shardings, path: PathT) -> jax.sharding.Sharding:
+    if shardings is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):
+        return shardings
+    return get_path(shardings, path)
+
+
+def abstract_params(config: BlueLMConfig, dtype: Any, shardings: Shardings = None) -> dict:
+    """The parameter tree as jax.ShapeDtypeStructs with shardings.
+
+    shardings: None (first device), one Sharding for every leaf, or a tree of Shardings
+    shaped like the parameters (e.g. NamedShardings of a mesh).
+    """
+    dtype = jnp.dtype(dtype_name(dtype))
+    tree: dict = {}
+    for path, shape in flatten(param_shapes(config)):
+        set_path(tree, path, jax.ShapeDtypeStruct(shape, dtype, sharding=_leaf_sharding(shardings, path)))
+    return tree
+
+
+# ------------------------------------------------------------------ restore
+
+
+def _check_stored_shapes(params_dir: str, config: BlueLMConfig) -> None:
+    """The stored leaves must be exactly those of `config`; raises CheckpointError naming the first mismatch."""
+    try:
+        stored = ocp.PyTreeCheckpointer().metadata(params_dir).item_metadata.tree
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged directory
+        raise CheckpointError(f"{params_dir}: cannot read the Orbax checkpoint ({type(e).__name__}: {e})") from None
+    expected = dict(flatten(param_shapes(config)))
+    got = {}
+    for path, leaf in flatten(_as_dict(stored)):
+        got[path] = tuple(getattr(leaf, "shape", ()))
+    for path in sorted(set(expected) | set(got)):
+        name = "/".join(path)
+        if path not in got:
+            raise CheckpointError(f"{params_dir}: parameter {name} missing")
+        if path not in expected:
+            raise CheckpointError(f"{params_dir}: unexpected parameter {name}")
+        if got[path] != expected[path]:
+            raise CheckpointError(
+                f"{params_dir}: parameter {name} has shape {got[path]}, config.json implies {expected[path]}")
+
+
+def _as_dict(tree: Any) -> Any:
+    """Orbax metadata trees as plain nested dicts."""
+    if isinstance(tree, dict) or hasattr(tree, "items"):
+        return {k: _as_dict(v) for k, v in tree.items()}
+    return tree
+
+
+def restore_params(directory: str | os.PathLike, config: BlueLMConfig, dtype: Any = None,
+                   shardings: Shardings = None) -> dict:
+    """Restores <directory>/params into arrays of `dtype` (default: as stored) placed by `shardings`.
+
+    Each leaf is read straight into its target sharding: with NamedShardings of a mesh,
+    every process reads only the shards of its own devices.
+    """
+    directory = os.fspath(directory)
+    meta = read_metadata(directory)
+    params_dir = os.path.abspath(os.path.join(directory, PARAMS_DIR))
+    if not os.path.isdir(params_dir):
+        raise CheckpointError(f"{directory}: no {PARAMS_DIR}/ directory")
+    _check_stored_shapes(params_dir, config)
+    target = abstract_params(config, dtype or meta["param_dtype"], shardings)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+
+
+# ------------------------------------------------------------------ save
+
+
+def save_params(params_dir: str | os.PathLike, params: dict) -> None:
+    """Saves an in-memory parameter tree (jax or numpy arrays) to a new Orbax directory."""
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(os.path.abspath(params_dir), params)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSpec:
+    """A leaf to be written from a stream: full shape, dtype, and the shape of one written block."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    write_shape: tuple[int, ...]  # blocks tile the leaf; e.g. (1, in, out) for one layer
+
+
+class _StreamedLeaf:
+    """Placeholder leaf handed to Orbax; its data comes from the block stream."""
+
+    def __init__(self, path: PathT, spec: LeafSpec):
+        self.path, self.spec = path, spec
+
+
+class _StreamingHandler(type_handlers.NumpyHandler):
+    """Writes all _StreamedLeaf leaves block by block from one iterable of blocks.
+
+    The arrays it writes are ordinary Orbax numpy leaves (same specs, same metadata), so
+    any Orbax restore reads them.
+    """
+
+    def __init__(self, leaves: Iterable[PathT], blocks: Iterable[Block], max_inflight_bytes: int):
+        super().__init__(deepcopy_host_arrays=False)
+        self._leaves = set(leaves)
+        self._blocks = blocks
+        self._max_inflight = max_inflight_bytes
+
+    def typestr(self) -> str:
+        return "np.ndarray"
+
+    async def serialize(self, values, infos, args=None):
+        """Opens every leaf's TensorStore, then writes the blocks with bounded bytes in flight."""
+        args = args or [type_handlers.SaveArgs(chunk_byte_size=CHUNK_BYTES)] * len(values)
+        stores = {}
+        for leaf, info, arg in zip(values, infos, args):
+            await info.await_path_creation()
+            spec = type_handlers.get_json_tspec_write(
+                info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=leaf.spec.shape,
+                local_shape=leaf.spec.write_shape, dtype=leaf.spec.dtype,
+                process_index=0 if info.is_ocdbt_checkpoint else None, arg=arg)
+            stores[leaf.path] = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
+        if set(stores) != self._leaves:
+            raise RuntimeError("Orbax split the streamed leaves over several serialize calls")
+        pending: collections.deque = collections.deque()
+        inflight = 0
+        try:
+            for path, index, value in self._blocks:
+                store = stores[path]
+                if value.dtype != store.dtype.numpy_dtype:
+                    raise TypeError(f"block of {'/'.join(path)} has dtype {value.dtype}, leaf has {store.dtype}")
+                pending.append((store[index].write(value, can_reference_source_data_indefinitely=True), value.nbytes))
+                inflight += value.nbytes
+                while inflight > self._max_inflight:
+                    future, nbytes = pending.popleft()
+                    await future
+                    inflight -= nbytes
+            while pending:
+                await pending.popleft()[0]
+        finally:  # on error, let the writes already issued finish before the caller removes the directory
+            for future, _ in pending:
+                try:
+                    await future
+                except Exception:  # noqa: BLE001 - the first error is the one raised
+                    pass
+        return []
+
+
+def save_params_streaming(params_dir: str | os.PathLike, leaves: dict[PathT, LeafSpec],
+                          blocks: Iterable[Block], max_inflight_bytes: int = MAX_INFLIGHT_BYTES) -> None:
+    """Writes a new Orbax directory whose leaves are filled from `blocks`, one block at a time.
+
+    `leaves` maps each leaf path to its LeafSpec; every element of every leaf must be
+    covered by the blocks (unwritten elements would read back as zeros).
+    """
+    handler = _StreamingHandler(leaves, blocks, max_inflight_bytes)
+    registry = type_handlers.create_type_handler_registry(
+        (_StreamedLeaf, handler), (jax.Array, type_handlers.ArrayHandler()))
+    tree: dict = {}
+    for path, spec in leaves.items():
+        set_path(tree, path, _StreamedLeaf(path, spec))
+    save_args = jax.tree.map(lambda _: type_handlers.SaveArgs(chunk_byte_size=CHUNK_BYTES), tree,
+                             is_leaf=lambda x: isinstance(x, _StreamedLeaf))
+    handler_impl = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+    with ocp.Checkpointer(handler_impl) as ckptr:
+        ckptr.save(os.path.abspath(params_dir), args=ocp.args.PyTreeSave(tree, save_args=save_args))

@@ -1,0 +1,126 @@
+"""The one public entry for loading: `load(path)` of a converted Orbax dir or a Hugging Face dir."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bluelm_jax import checkpoint
+from bluelm_jax.config import BlueLMConfig
+from bluelm_jax.params import flatten, set_path
+
+TokenIds = Union[Sequence[Sequence[int]], np.ndarray, jax.Array]
+
+
+def default_compute_dtype() -> jnp.dtype:
+    """float32 on CPU, bfloat16 on GPU/TPU."""
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+
+
+@dataclasses.dataclass
+class BlueLM:
+    """A loaded model: config, tokenizer, parameters, and the dtype its products run in."""
+
+    config: BlueLMConfig
+    tokenizer: Any  # bluelm_jax.tokenizer.BlueLMTokenizer
+    params: dict
+    compute_dtype: jnp.dtype
+    path: str = ""
+
+    @property
+    def param_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.params["embed_tokens"].dtype)
+
+    def logits(self, token_ids: TokenIds, positions: Optional[Any] = None) -> jax.Array:
+        """Float32 logits [batch, seq, vocab] of a batch of token id lists (right-padded) or an int array.
+
+        Attention is causal; positions [batch, seq] default to 0 .. seq-1 on every row.
+        """
+        tokens = _as_batch(token_ids, self.config.pad_token_id)  # [batch, seq]
+        if tokens.size and not 0 <= int(tokens.min()) <= int(tokens.max()) < self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got "
+                             f"{int(tokens.min())}..{int(tokens.max())}")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        positions = jnp.asarray(positions, jnp.int32)
+        if positions.shape != tokens.shape:
+            raise ValueError(f"positions must have the shape of the token ids {tokens.shape}, got {positions.shape}")
+        logits, _ = _jit_forward(self.params, tokens, positions, self.config, self.compute_dtype)
+        return logits
+
+    def __repr__(self) -> str:
+        n = sum(int(np.prod(x.shape)) for _, x in flatten(self.params))
+        return (f"BlueLM({self.path!r}, {n:,} parameters, params {self.param_dtype.name}, "
+                f"compute {jnp.dtype(self.compute_dtype).name})")
+
+
+def _as_batch(token_ids: TokenIds, pad_id: int) -> jax.Array:
+    """[batch, seq] int32 from an array or from lists of ids (shorter lists padded on the right)."""
+    if isinstance(token_ids, (np.ndarray, jax.Array)):
+        tokens = jnp.asarray(token_ids, jnp.int32)
+        if tokens.ndim != 2:
+            raise ValueError(f"token ids must be [batch, seq], got shape {tokens.shape}")
+        return tokens
+    rows = [list(r) for r in token_ids]
+    if not rows or not all(rows):
+        raise ValueError("token ids must be a non-empty batch of non-empty lists")
+    width = max(len(r) for r in rows)
+    return jnp.asarray([r + [pad_id] * (width - len(r)) for r in rows], jnp.int32)
+
+
+def _jit_forward(params, tokens, positions, config, compute_dtype):
+    global _FORWARD
+    if _FORWARD is None:
+        from bluelm_jax.model import forward
+
+        _FORWARD = jax.jit(lambda p, t, pos, c, d: forward(p, t, pos, c, compute_dtype=d), static_argnums=(3, 4))
+    return _FORWARD(params, tokens, positions, config, jnp.dtype(compute_dtype))
+
+
+_FORWARD = None
+
+
+def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
+         shardings: checkpoint.Shardings = None) -> BlueLM:
+    """Loads a converted bluelm-jax directory, or a Hugging Face directory (converted in memory).
+
+    dtype: parameter dtype (default: as converted; for a Hugging Face dir, bfloat16 or float32
+    as stored). compute_dtype: default float32 on CPU, bfloat16 on GPU/TPU. shardings: None
+    (first device), one Sharding, or a tree of Shardings shaped like the parameters.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise checkpoint.CheckpointError(f"{path}: not a directory")
+    config = BlueLMConfig.from_json_file(os.path.join(path, checkpoint.CONFIG_FILE))
+    tokenizer_file = os.path.join(path, checkpoint.TOKENIZER_FILE)
+    if not os.path.isfile(tokenizer_file):
+        raise checkpoint.CheckpointError(f"{tokenizer_file}: missing")
+    from bluelm_jax.tokenizer import BlueLMTokenizer
+
+    tokenizer = BlueLMTokenizer(tokenizer_file)
+    if checkpoint.is_converted_dir(path):
+        params = checkpoint.restore_params(path, config, dtype, shardings)
+    else:
+        params = _load_hf(path, config, dtype, shardings)
+    compute = jnp.dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype()
+    return BlueLM(config, tokenizer, params, compute, path)
+
+
+def _load_hf(path: str, config: BlueLMConfig, dtype: Any, shardings: checkpoint.Shardings) -> dict:
+    """Reads a Hugging Face dir into memory, then places leaf by leaf (freeing each host copy)."""
+    from convert.hf_to_flax import load_hf_params
+
+    host = load_hf_params(path, config, None if dtype is None else checkpoint.dtype_name(dtype))
+    abstract = checkpoint.abstract_params(config, host["embed_tokens"].dtype, shardings)
+    params: dict = {}
+    for leaf_path, target in list(flatten(abstract)):
+        parent = host
+        for key in leaf_path[:-1]:
+            parent = parent[key]
+        set_path(params, leaf_path, jax.device_put(parent.pop(leaf_path[-1]), target.sharding))
+    return params

@@ -1,0 +1,286 @@
+"""Convert a Hugging Face BlueLM checkpoint into a bluelm-jax (Orbax) directory.
+
+    python -m convert.hf_to_flax --hf-dir DIR --out DIR [--dtype auto|bfloat16|float32] [--force]
+
+Tensors are read one at a time, renamed, transposed ([out, in] -> [in, out]) and cast,
+and written block by block (one layer of a stacked leaf, or ~64 MB of rows of the
+embedding/head) straight into the Orbax arrays: peak memory is a few blocks plus the
+tensor being read, never the checkpoint. The output is written into a temporary
+directory beside --out and renamed into place at the end; on any error it is removed
+and the command exits 1 with one line on stderr.
+
+tokenizer.model is required: every BlueLM release ships it, and `bluelm_jax.load()`
+needs it beside the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Iterator, Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+from bluelm_jax import checkpoint
+from bluelm_jax.config import BlueLMConfig, ConfigError
+from bluelm_jax.params import IGNORED_HF_TENSORS, HFTensor, PathT, flatten, hf_tensors, param_shapes, set_path
+from convert.hf_reader import CheckpointFormatError, HFCheckpoint
+
+BLOCK_BYTES = 64 * 1024 * 1024  # largest block of a non-layer leaf written at once
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+class ConversionError(ValueError):
+    """A Hugging Face directory that does not hold the checkpoint its config.json describes."""
+
+
+# ------------------------------------------------------------------ checking
+
+
+def check_tensors(ckpt: HFCheckpoint, config: BlueLMConfig) -> dict[str, HFTensor]:
+    """Expected tensors by name; raises ConversionError on missing, unexpected, mis-shaped or non-float ones."""
+    expected = {t.hf_name: t for t in hf_tensors(config)}
+    present = {n for n in ckpt.entries if not IGNORED_HF_TENSORS.search(n)}
+    missing = [n for n in expected if n not in present]
+    if missing:
+        raise ConversionError(f"{ckpt.directory}: {len(missing)} tensor(s) missing: {_names(missing)}")
+    unexpected = sorted(present - set(expected))
+    if unexpected:
+        raise ConversionError(f"{ckpt.directory}: {len(unexpected)} unexpected tensor(s): {_names(unexpected)}")
+    for name, t in expected.items():
+        entry = ckpt.entries[name]
+        if entry.shape != t.hf_shape:
+            raise ConversionError(
+                f"{entry.file}: tensor {name} has shape {list(entry.shape)}, expected {list(t.hf_shape)} "
+                f"(from config.json)")
+        if entry.dtype.name not in FLOAT_DTYPES:
+            raise ConversionError(f"{entry.file}: tensor {name} has dtype {entry.dtype.name}, expected floating point")
+    return expected
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def resolve_dtype(dtype: Optional[str], ckpt: HFCheckpoint) -> str:
+    """'bfloat16' or 'float32'. auto/None keeps bfloat16 or float32 as stored; float16/float64 become float32."""
+    if dtype not in (None, "auto"):
+        return checkpoint.dtype_name(dtype)
+    stored = ckpt.entries["model.embed_tokens.weight"].dtype.name
+    return stored if stored in checkpoint.PARAM_DTYPES else "float32"
+
+
+# ------------------------------------------------------------------ blocks
+
+
+def _block_rows(rows: int, row_bytes: int) -> int:
+    """Rows of a non-layer tensor converted and written at once."""
+    return max(1, min(rows, BLOCK_BYTES // max(row_bytes, 1)))
+
+
+def leaf_specs(config: BlueLMConfig, dtype: str) -> dict[PathT, checkpoint.LeafSpec]:
+    """Shape, dtype and block shape of every leaf, matching the blocks of `converted_blocks`."""
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    transposed = {t.path: t.transpose for t in hf_tensors(config)}
+    specs = {}
+    for path, shape in flatten(param_shapes(config)):
+        if path[0] == "layers":
+            write = (1, *shape[1:])
+        elif len(shape) == 2:
+            axis = 1 if transposed[path] else 0  # the axis of the source's rows
+            rows = _block_rows(shape[axis], shape[1 - axis] * np_dtype.itemsize)
+            write = (shape[0], rows) if axis else (rows, shape[1])
+        else:
+            write = shape
+        specs[path] = checkpoint.LeafSpec(shape, np_dtype, write)
+    return specs
+
+
+def _transpose(a: np.ndarray) -> np.ndarray:
+    """Contiguous transpose of a 2-D array (through a native integer view for bfloat16)."""
+    native = {2: np.uint16, 4: np.uint32, 8: np.uint64}[a.itemsize]
+    return np.ascontiguousarray(a.view(native).T).view(a.dtype)
+
+
+def _to_layout(src: np.ndarray, transpose: bool, dtype: np.dtype) -> np.ndarray:
+    """Cast to `dtype`, then transpose when the HF tensor is [out, in]."""
+    a = src if src.dtype == dtype else src.astype(dtype)
+    return _transpose(a) if transpose else np.ascontiguousarray(a)
+
+
+def _row_blocks(src: np.ndarray, spec: checkpoint.LeafSpec, transpose: bool) -> Iterator[tuple[tuple, np.ndarray]]:
+    """Blocks of rows of a 2-D source [n, k] -> rows of the leaf, or its columns when transposed."""
+    n = src.shape[0]
+    rows = spec.write_shape[1] if transpose else spec.write_shape[0]
+    for a in range(0, n, rows):
+        b = min(a + rows, n)
+        index = (slice(None), slice(a, b)) if transpose else (slice(a, b),)
+        yield index, _to_layout(src[a:b], transpose, spec.dtype)
+
+
+def converted_blocks(ckpt: HFCheckpoint, expected: dict[str, HFTensor], specs: dict[PathT, checkpoint.LeafSpec],
+                     progress: Any = None) -> Iterator[checkpoint.Block]:
+    """Reads each expected tensor once and yields (leaf path, index, block) in our layout."""
+    for name, src in ckpt.tensors(set(expected)):
+        t = expected[name]
+        spec = specs[t.path]
+        if t.layer is not None:  # one layer of a stacked leaf
+            blocks = [((t.layer,), _to_layout(src, t.transpose, spec.dtype))]
+        elif src.ndim == 2:
+            blocks = _row_blocks(src, spec, t.transpose)
+        else:
+            blocks = [((), _to_layout(src, False, spec.dtype))]
+        for index, value in blocks:
+            yield t.path, index, value
+            if progress is not None:
+                progress.update(value.nbytes)
+        del src
+
+
+def load_hf_params(hf_dir: str | os.PathLike, config: BlueLMConfig, dtype: Optional[str] = None) -> dict:
+    """Reads a Hugging Face checkpoint into a parameter tree of numpy arrays (in memory)."""
+    ckpt = HFCheckpoint(hf_dir)
+    expected = check_tensors(ckpt, config)
+    specs = leaf_specs(config, resolve_dtype(dtype, ckpt))
+    out = {path: np.empty(s.shape, s.dtype) for path, s in specs.items()}
+    for path, index, value in converted_blocks(ckpt, expected, specs):
+        out[path][index] = value
+    tree: dict = {}
+    for path, array in out.items():
+        set_path(tree, path, array)
+    return tree
+
+
+# ------------------------------------------------------------------ conversion
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionSummary:
+    out_dir: str
+    tensors: int
+    parameters: int
+    bytes: int
+    dtype: str
+    seconds: float
+
+    def line(self) -> str:
+        return (f"converted {self.tensors} tensors, {self.parameters:,} parameters, {self.bytes / 1e9:.2f} GB "
+                f"{self.dtype} in {self.seconds:.1f} s -> {self.out_dir}")
+
+
+def convert_hf_to_flax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: Optional[str] = "auto",
+                       force: bool = False, progress: bool = True) -> ConversionSummary:
+    """Converts `hf_dir` into a new bluelm-jax directory `out_dir`, atomically; raises on bad input."""
+    start = time.perf_counter()
+    hf_dir, out_dir = os.path.abspath(hf_dir), os.path.abspath(out_dir)
+    if not os.path.isdir(hf_dir):
+        raise ConversionError(f"{hf_dir}: not a directory")
+    if os.path.realpath(hf_dir) == os.path.realpath(out_dir):
+        raise ConversionError(f"{out_dir}: the output must not be the Hugging Face directory")
+    if os.path.lexists(out_dir) and not force:
+        raise ConversionError(f"{out_dir}: already exists (use --force to replace it)")
+    config_file = os.path.join(hf_dir, checkpoint.CONFIG_FILE)
+    config = BlueLMConfig.from_json_file(config_file)
+    tokenizer_file = os.path.join(hf_dir, checkpoint.TOKENIZER_FILE)
+    if not os.path.isfile(tokenizer_file):
+        raise ConversionError(f"{tokenizer_file}: missing (BlueLM checkpoints ship it; load() needs it)")
+    ckpt = HFCheckpoint(hf_dir)
+    expected = check_tensors(ckpt, config)
+    dtype = resolve_dtype(dtype, ckpt)
+    specs = leaf_specs(config, dtype)
+    total_bytes = sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in specs.values())
+
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        from tqdm import tqdm
+
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress,
+                  file=sys.stderr) as bar:
+            checkpoint.save_params_streaming(os.path.join(tmp, checkpoint.PARAMS_DIR), specs,
+                                             converted_blocks(ckpt, expected, specs, bar))
+        shutil.copyfile(config_file, os.path.join(tmp, checkpoint.CONFIG_FILE))
+        shutil.copyfile(tokenizer_file, os.path.join(tmp, checkpoint.TOKENIZER_FILE))
+        parameters = sum(int(np.prod(t.hf_shape)) for t in expected.values())
+        checkpoint.write_metadata(tmp, dtype, num_parameters=parameters, source_format=ckpt.format)
+        _replace(tmp, out_dir)
+    except BaseException:
+        _remove_tree(tmp)
+        raise
+    return ConversionSummary(out_dir, len(expected), parameters, total_bytes, dtype, time.perf_counter() - start)
+
+
+def _remove_tree(path: str, attempts: int = 5) -> None:
+    """Removes a directory, retrying in case a writer thread was still finishing a file in it."""
+    for _ in range(attempts):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            return
+        time.sleep(0.2)
+
+
+def _replace(tmp: str, out_dir: str) -> None:
+    """Renames `tmp` to `out_dir`, replacing an existing `out_dir` (already allowed by --force)."""
+    if not os.path.lexists(out_dir):
+        os.rename(tmp, out_dir)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
+    os.rmdir(old)
+    os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    if os.path.isdir(old) and not os.path.islink(old):
+        shutil.rmtree(old)
+    else:
+        os.remove(old)
+
+
+# ------------------------------------------------------------------ command line
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m convert.hf_to_flax",
+        description="Convert a Hugging Face BlueLM checkpoint (safetensors or pytorch_model*.bin) into a "
+                    "bluelm-jax Orbax directory, streaming one tensor at a time.")
+    parser.add_argument("--hf-dir", required=True, help="Hugging Face directory: config.json, weights, tokenizer.model")
+    parser.add_argument("--out", required=True, help="output directory (created atomically)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                        help="parameter dtype (default auto: bfloat16 or float32 as stored; float16 -> float32)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    import jax
+    from absl import logging as absl_logging
+
+    jax.config.update("jax_platforms", "cpu")  # conversion never needs an accelerator
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        summary = convert_hf_to_flax(args.hf_dir, args.out, args.dtype, args.force, progress=not args.no_progress)
+    except (ConversionError, CheckpointFormatError, ConfigError, checkpoint.CheckpointError, OSError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+        print(f"error: internal error ({type(e).__name__}: {_one_line(e)})", file=sys.stderr)
+        return 1
+    print(summary.line())
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
