@@ -1,13 +1,41 @@
 """Attention over a query block and a key/value window, with grouped KV heads.
 
-Scores and softmax are float32. The mask is built from slot indices ([batch, seq, slots]),
-never from a [T, T] table of positions.
+Every implementation here computes the same thing: the query at row t sits at cache slot
+`q_offset + t` and sees the keys at slots s with `start[b] <= s <= q_offset + t`
+(causal, with row b's left padding before `start[b]` invisible). Scores and softmax are
+float32.
+
+    dot_product_attention   dense: builds the [seq, slots] scores (short inputs only)
+    chunked_attention       flash-style online softmax over key blocks; never builds
+                            [seq, slots]; visits only the key blocks a query block can
+                            see (causal skipping; for decode, only the filled part of
+                            the cache: the loop stops at block (q_offset + seq) / block_k)
+    attention               the dispatcher the model calls: dense for small inputs,
+                            otherwise the platform kernel for a fresh prefill (cuDNN on
+                            GPU, the Pallas flash kernel on TPU) or the chunked one.
+
+The mask is built from slot indices, never from a [T, T] table of positions.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from typing import Optional, Union
+
 import jax
 import jax.numpy as jnp
+
+# Above this many scores per (batch row, head), `attention` stops building dense scores.
+CHUNKED_THRESHOLD = 1 << 20  # e.g. 1,024 queries x 1,024 slots
+# With a cache longer than this, even decode goes chunked: it then reads only the filled blocks.
+DENSE_MAX_CACHE_SLOTS = 1024
+BLOCK_Q = 512  # queries per block of the chunked kernel
+BLOCK_K = 512  # keys per block of the chunked kernel
+IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn", "pallas")
+_NEG = -1e30  # "minus infinity" that keeps exp() and max() finite
+
+Offset = Union[int, jax.Array]
 
 
 def attention_mask(query_slots: jax.Array, num_slots: int, start: jax.Array) -> jax.Array:
@@ -35,3 +63,207 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [batch, kv_heads, group, seq, slots]
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
+
+
+# --------------------------------------------------------------------------- chunked
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset, start: jax.Array,
+                      block_q: int = BLOCK_Q, block_k: int = BLOCK_K, layer: Optional[jax.Array] = None) -> jax.Array:
+    """Causal attention by online softmax over key blocks; the same result as the dense one.
+
+    q: [batch, seq, heads, head_dim]; k, v: [batch, slots, kv_heads, head_dim];
+    q_offset: slot of the first query (a Python int, or a traced int32 scalar such as a
+    cache index); start: [batch] int32 first visible slot of each row.
+    With `layer` (a traced index), k and v are a whole cache [layers, batch, slots, kv_heads,
+    head_dim] and only layer `layer`'s blocks are read (no copy of the layer's cache).
+    Returns [batch, seq, heads, head_dim] in q's dtype. Rows whose queries see no key at
+    all (left padding) come out as zeros.
+
+    Peak extra memory is one [batch, heads, block_q, block_k] score block. Each query block
+    visits key blocks min(start) / block_k .. (its last slot) / block_k only. With a static
+    q_offset (no cache: training, fresh prefill) the key loop is a scan of `lax.cond`s, so
+    the function can be differentiated (each query block is rematerialised); with a traced
+    q_offset (a cache) it is a `while_loop` whose trip count is the filled part of the cache.
+    """
+    b, t, h, d = q.shape
+    slots, kv_heads = k.shape[-3], k.shape[-2]
+    g = h // kv_heads
+    bq, bk = min(block_q, t), min(block_k, slots)
+    nq, nk = _cdiv(t, bq), _cdiv(slots, bk)
+    scale = 1.0 / math.sqrt(d)
+    static = isinstance(q_offset, int)
+    q_offset = jnp.asarray(q_offset, jnp.int32)
+    start = jnp.asarray(start, jnp.int32)
+    first_block = jnp.min(start) // bk  # key blocks wholly inside every row's padding are skipped
+
+    q = jnp.pad(q, ((0, 0), (0, nq * bq - t), (0, 0), (0, 0)))
+    q = q.reshape(b, nq, bq, kv_heads, g, d).swapaxes(0, 1)  # [nq, batch, bq, kv_heads, group, head_dim]
+
+    def query_block(qi, qb):  # qb: [batch, bq, kv_heads, group, head_dim]
+        q_slots = q_offset + qi * bq + jnp.arange(bq, dtype=jnp.int32)  # [bq]
+        end_block = (q_offset + jnp.minimum((qi + 1) * bq, t) - 1) // bk + 1  # key blocks this block sees
+
+        def visit(kb, carry):
+            m, l, acc = carry  # [batch, kv_heads, group, bq] x2, [batch, kv_heads, group, bq, head_dim]
+            lo = kb * bk
+            at = jnp.minimum(lo, slots - bk)  # the last block is shifted back to stay in bounds ...
+            kblk, vblk = _key_block(k, at, bk, layer, qb.dtype), _key_block(v, at, bk, layer, qb.dtype)
+            k_slots = at + jnp.arange(bk, dtype=jnp.int32)  # [bk]
+            visible = ((k_slots[None, None, :] <= q_slots[None, :, None])
+                       & (k_slots[None, None, :] >= start[:, None, None])
+                       & (k_slots >= lo)[None, None, :])  # ... and slots before `lo` masked: [batch, bq, bk]
+            visible = visible[:, None, None]  # [batch, 1, 1, bq, bk]
+            s = jnp.einsum("bqkgd,bskd->bkgqs", qb, kblk, preferred_element_type=jnp.float32) * scale
+            s = jnp.where(visible, s, _NEG)  # [batch, kv_heads, group, bq, bk]
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
+            correction = jnp.exp(m - m_new)
+            l = l * correction + jnp.sum(p, axis=-1)
+            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), vblk, preferred_element_type=jnp.float32)
+            return m_new, l, acc * correction[..., None] + pv
+
+        m = jnp.full((b, kv_heads, g, bq), _NEG, jnp.float32)
+        init = (m, jnp.zeros_like(m), jnp.zeros((b, kv_heads, g, bq, d), jnp.float32))
+        if static:
+            def step(carry, kb):
+                needed = (kb >= first_block) & (kb < end_block)
+                return jax.lax.cond(needed, lambda c: visit(kb, c), lambda c: c, carry), None
+
+            (m, l, acc), _ = jax.lax.scan(step, init, jnp.arange(nk, dtype=jnp.int32))
+        else:
+            m, l, acc = jax.lax.fori_loop(first_block, end_block, visit, init)
+        out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [batch, kv_heads, group, bq, head_dim]
+        return out.transpose(0, 3, 1, 2, 4).astype(qb.dtype)  # [batch, bq, kv_heads, group, head_dim]
+
+    if static:
+        query_block = jax.checkpoint(query_block)
+    out = jax.lax.map(lambda args: query_block(*args), (jnp.arange(nq, dtype=jnp.int32), q))
+    out = out.swapaxes(0, 1).reshape(b, nq * bq, h, d)  # [batch, nq * bq, heads, head_dim]
+    return out[:, :t]
+
+
+def _key_block(x: jax.Array, at: jax.Array, size: int, layer: Optional[jax.Array], dtype) -> jax.Array:
+    """Slots [at, at + size) of x [batch, slots, kv_heads, head_dim] (or of layer `layer` of
+    x [layers, batch, slots, kv_heads, head_dim]), as [batch, size, kv_heads, head_dim] in dtype."""
+    if layer is None:
+        return jax.lax.dynamic_slice_in_dim(x, at, size, axis=1).astype(dtype)
+    zero = jnp.zeros((), jnp.int32)
+    block = jax.lax.dynamic_slice(x, (layer, zero, at, zero, zero), (1, x.shape[1], size) + x.shape[3:])
+    return block[0].astype(dtype)
+
+
+# --------------------------------------------------------------------------- platform kernels
+
+
+def _left_to_right_padding(x: jax.Array, shift: jax.Array) -> jax.Array:
+    """Rolls each row of x [batch, seq, ...] left by shift[b] (left padding -> right padding)."""
+    t = x.shape[1]
+    index = (jnp.arange(t, dtype=jnp.int32)[None, :] + shift[:, None]) % t  # [batch, seq]
+    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array) -> jax.Array:
+    """Fresh causal prefill (query t at slot t, keys = the same tokens) with cuDNN flash attention.
+
+    q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; start [batch].
+    cuDNN masks right padding only, so each row is rolled left by start[b], attended with
+    sequence lengths seq - start[b], and rolled back. Needs bfloat16/float16 inputs.
+    """
+    t = q.shape[1]
+    lengths = (t - start).astype(jnp.int32)
+    q, k, v = (_left_to_right_padding(x, start) for x in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
+                                       key_value_seq_lengths=lengths, implementation="cudnn")
+    valid = jnp.arange(t)[None, :] < lengths[:, None]  # [batch, seq]
+    out = jnp.where(valid[:, :, None, None], out, 0)
+    return _left_to_right_padding(out, (t - start) % t)
+
+
+def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array) -> jax.Array:
+    """Fresh causal prefill with the Pallas TPU flash kernel; padding masked by segment ids.
+
+    Shapes as in `cudnn_attention`. Grouped KV heads are repeated to the query heads.
+    """
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    b, t, h, d = q.shape
+    group = h // k.shape[2]
+    k, v = (jnp.repeat(x, group, axis=2) for x in (k, v))
+    segment = (jnp.arange(t, dtype=jnp.int32)[None, :] >= start[:, None]).astype(jnp.int32)  # [batch, seq]
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [batch, heads, seq, head_dim]
+    blocks = min(512, t)
+    sizes = fa.BlockSizes(block_q=blocks, block_k_major=blocks, block_k=blocks, block_b=1)
+    out = fa.flash_attention(q, k, v, segment_ids=fa.SegmentIds(segment, segment), causal=True,
+                             sm_scale=1.0 / math.sqrt(d), block_sizes=sizes)
+    out = jnp.where(segment[:, None, :, None] > 0, out, 0)
+    return out.transpose(0, 2, 1, 3)
+
+
+def platform_kernel(backend: str, dtype, seq: int, head_dim: int):
+    """The fused prefill kernel for this platform and shape, or None (then chunked is used)."""
+    low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if backend == "gpu" and low_precision and head_dim % 8 == 0 and head_dim <= 256:
+        return cudnn_attention
+    if backend == "tpu" and seq % 128 == 0 and head_dim % 128 == 0:
+        try:
+            from jax.experimental.pallas.ops.tpu import flash_attention  # noqa: F401
+        except ImportError:
+            return None
+        return pallas_tpu_attention
+    return None
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset, start: jax.Array,
+              implementation: str = "auto", layer: Optional[jax.Array] = None) -> jax.Array:
+    """Causal attention of queries at slots q_offset + t over keys at slots start[b] .. q_offset + t.
+
+    q: [batch, seq, heads, head_dim]; k, v: [batch, slots, kv_heads, head_dim] (slots = seq
+    without a cache, the cache length with one); q_offset: 0 (Python int) without a cache,
+    the traced cache index with one; start: [batch] int32. With `layer`, k and v are the
+    whole cache [layers, batch, slots, kv_heads, head_dim] and layer `layer` is used.
+
+    implementation "auto": dense scores when seq * slots <= CHUNKED_THRESHOLD (and, with a
+    cache, slots <= DENSE_MAX_CACHE_SLOTS: a long cache is read only up to its filled part); otherwise,
+    for a prefill, the platform kernel (cuDNN / Pallas TPU) on a fresh sequence (q_offset
+    == 0; with a cache this is decided at run time by `lax.cond`), else `chunked_attention`.
+    "dense", "chunked", "cudnn", "pallas" force one (the last two need a fresh prefill).
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r} (known: {', '.join(IMPLEMENTATIONS)})")
+    seq, slots = q.shape[1], k.shape[-3]
+    with_cache = not isinstance(q_offset, int)
+    if implementation == "auto":
+        long_cache = with_cache and slots > DENSE_MAX_CACHE_SLOTS
+        kernel = platform_kernel(jax.default_backend(), q.dtype, seq, q.shape[-1]) if seq > 1 else None
+        if seq * slots <= CHUNKED_THRESHOLD and not long_cache:
+            implementation = "dense"
+        elif kernel is not None:
+            implementation = "cudnn" if kernel is cudnn_attention else "pallas"
+        else:
+            implementation = "chunked"
+    chunked = functools.partial(chunked_attention, q, k, v, q_offset, start, layer=layer)
+    if implementation == "chunked":
+        return chunked()
+    if implementation == "dense":
+        if layer is not None:
+            k, v = k[layer].astype(q.dtype), v[layer].astype(q.dtype)  # [batch, slots, kv_heads, head_dim]
+        mask = attention_mask(q_offset + jnp.arange(seq, dtype=jnp.int32), slots, start)  # [batch, seq, slots]
+        return dot_product_attention(q, k, v, mask)
+
+    # a platform kernel: it runs a fresh causal prefill (q_offset == 0) over the new tokens' keys
+    kernel = cudnn_attention if implementation == "cudnn" else pallas_tpu_attention
+    if layer is None:
+        k_new, v_new = k[:, :seq], v[:, :seq]  # [batch, seq, kv_heads, head_dim]
+    else:
+        k_new, v_new = k[layer, :, :seq].astype(q.dtype), v[layer, :, :seq].astype(q.dtype)
+    if not with_cache:
+        return kernel(q, k_new, v_new, start) if q_offset == 0 else chunked()
+    return jax.lax.cond(q_offset == 0, lambda: kernel(q, k_new, v_new, start), chunked)

@@ -31,6 +31,7 @@ class BlueLM:
     params: dict
     compute_dtype: jnp.dtype
     path: str = ""
+    mesh: Any = None  # the jax.sharding.Mesh the parameters are sharded over (load(..., mesh=)), or None
 
     @property
     def param_dtype(self) -> jnp.dtype:
@@ -86,12 +87,14 @@ _FORWARD = None
 
 
 def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
-         shardings: checkpoint.Shardings = None) -> BlueLM:
+         shardings: checkpoint.Shardings = None, mesh: Any = None) -> BlueLM:
     """Loads a converted bluelm-jax directory, or a Hugging Face directory (converted in memory).
 
     dtype: parameter dtype (default: as converted; for a Hugging Face dir, bfloat16 or float32
     as stored). compute_dtype: default float32 on CPU, bfloat16 on GPU/TPU. shardings: None
     (first device), one Sharding, or a tree of Shardings shaped like the parameters.
+    mesh: a jax.sharding.Mesh (e.g. `sharding.make_mesh("data=2,tensor=4")`): the parameters are
+    restored straight into the shards of `sharding.param_spec` (replaces `shardings`).
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -103,12 +106,16 @@ def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
     from bluelm_jax.tokenizer import BlueLMTokenizer
 
     tokenizer = BlueLMTokenizer(tokenizer_file)
+    if mesh is not None:
+        from bluelm_jax import sharding
+
+        shardings = sharding.param_shardings(config, mesh)
     if checkpoint.is_converted_dir(path):
         params = checkpoint.restore_params(path, config, dtype, shardings)
     else:
         params = _load_hf(path, config, dtype, shardings)
     compute = jnp.dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype()
-    return BlueLM(config, tokenizer, params, compute, path)
+    return BlueLM(config, tokenizer, params, compute, path, mesh)
 
 
 def _load_hf(path: str, config: BlueLMConfig, dtype: Any, shardings: checkpoint.Shardings) -> dict:

@@ -17,9 +17,10 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from bluelm_jax.attention import attention_mask, dot_product_attention
+from bluelm_jax.attention import attention
 from bluelm_jax.config import BlueLMConfig
 from bluelm_jax.rope import apply_rope, sin_cos
+from bluelm_jax.sharding import constrain
 
 
 class KVCache(NamedTuple):
@@ -62,6 +63,16 @@ class Adapters(NamedTuple):
     a: dict  # projection name -> [layers, in, rank]
     b: dict  # projection name -> [layers, rank, out]
     scale: jax.Array  # [] float32: alpha / rank
+    dropout: float = 0.0  # LoRA dropout on x, applied only when dropout_key is given (training)
+    dropout_key: Optional[jax.Array] = None  # PRNG key; each layer and projection folds in its own
+
+    def lora_input(self, h: jax.Array, layer: jax.Array, name: str) -> jax.Array:
+        """h, or h with inverted dropout for the adapter of `name` in `layer` (a traced index)."""
+        if self.dropout_key is None:
+            return h
+        key = jax.random.fold_in(jax.random.fold_in(self.dropout_key, layer), sorted(self.a).index(name))
+        keep = jax.random.bernoulli(key, 1.0 - self.dropout, h.shape)
+        return jnp.where(keep, h / (1.0 - self.dropout), 0).astype(h.dtype)
 
 
 def _matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
@@ -71,7 +82,7 @@ def _matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
 def forward(params: dict, tokens: jax.Array, positions: jax.Array, config: BlueLMConfig,
             cache: Optional[KVCache] = None, start: Optional[jax.Array] = None,
             compute_dtype=jnp.float32, last_only: bool = False, adapters: Optional[Adapters] = None,
-            remat: bool = False) -> tuple[jax.Array, Optional[KVCache]]:
+            remat: bool = False, attention_impl: str = "auto") -> tuple[jax.Array, Optional[KVCache]]:
     """Logits of the next token at every position (or only the last with `last_only`).
 
     tokens, positions: [batch, seq] int32.
@@ -81,7 +92,10 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, config: BlueL
     `adapters` adds LoRA terms to the projections they name; `remat` recomputes each layer's
     activations in the backward pass instead of storing them.
     Returns logits [batch, seq or 1, vocab] float32, and the updated cache (or None).
-    config, compute_dtype, last_only and remat are static under jit.
+    `attention_impl` picks the attention kernel (attention.attention: "auto" is dense for short
+    inputs, else flash-style/chunked or the platform kernel, never a [seq, slots] table).
+    Under `jax.set_mesh(mesh)`, activations and the cache are constrained by sharding.py.
+    config, compute_dtype, last_only, remat and attention_impl are static under jit.
     """
     c = config
     batch, seq = tokens.shape
@@ -91,7 +105,7 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, config: BlueL
     if c.use_stable_embedding:
         ln = params["embed_layer_norm"]
         x = layer_norm(x, ln["weight"], ln["bias"], c.rms_norm_eps)
-    x = x.astype(compute_dtype)
+    x = constrain(x.astype(compute_dtype), "hidden")
 
     sin, cos = sin_cos(positions, c)  # [batch, seq, head_dim // 2]
     if cache is None:
@@ -100,7 +114,7 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, config: BlueL
         num_slots = seq
     else:
         index, start, num_slots = cache.index, cache.start, cache.max_len
-    mask = attention_mask(index + jnp.arange(seq, dtype=jnp.int32), num_slots, start)  # [batch, seq, slots]
+    q_offset = 0 if cache is None else index  # slot of the first query (static without a cache)
 
     def layer(carry, layer_inputs):
         x, kv, i = carry  # x: [batch, seq, hidden]; kv: (k, v) caches or None; i: layer index
@@ -109,7 +123,7 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, config: BlueL
         def project(h, name):
             y = _matmul(h, p[name], compute_dtype)
             if name in lora_a:
-                y = y + (adapters.scale * _matmul(_matmul(h, lora_a[name], compute_dtype),
+                y = y + (adapters.scale * _matmul(_matmul(adapters.lora_input(h, i, name), lora_a[name], compute_dtype),
                                                   lora_b[name], compute_dtype)).astype(y.dtype)
             return y
 
@@ -124,9 +138,9 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, config: BlueL
             k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
             v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
             kv = (k_cache, v_cache)
-            k = k_cache[i].astype(compute_dtype)  # [batch, max_len, kv_heads, head_dim]
-            v = v_cache[i].astype(compute_dtype)
-        a = dot_product_attention(q, k, v, mask).reshape(batch, seq, heads * head_dim)
+            k, v = k_cache, v_cache  # all layers: attention reads only layer i's filled blocks
+        layer_index = None if kv is None else i
+        a = attention(q, k, v, q_offset, start, attention_impl, layer_index).reshape(batch, seq, heads * head_dim)
         x = x + project(a, "o_proj").astype(x.dtype)
         h = rms_norm(x, p["post_attention_layernorm"], c.rms_norm_eps)
         gate = jax.nn.silu(project(h, "gate_proj"))
@@ -136,7 +150,7 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, config: BlueL
 
     if remat:
         layer = jax.checkpoint(layer)
-    kv = None if cache is None else (cache.k, cache.v)
+    kv = None if cache is None else (constrain(cache.k, "kv_cache"), constrain(cache.v, "kv_cache"))
     layer_inputs = (params["layers"], {}, {}) if adapters is None else (params["layers"], adapters.a, adapters.b)
     (x, kv, _), _ = jax.lax.scan(layer, (x, kv, jnp.zeros((), jnp.int32)), layer_inputs)
 
@@ -144,5 +158,6 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, config: BlueL
         x = x[:, -1:]
     x = rms_norm(x, params["norm"], c.rms_norm_eps).astype(compute_dtype)
     logits = jnp.matmul(x, params["lm_head"].astype(compute_dtype), preferred_element_type=jnp.float32)
+    logits = constrain(logits, "logits")  # [batch, seq, vocab]: rows on data, vocabulary on tensor
     new_cache = None if cache is None else KVCache(kv[0], kv[1], index + seq, start)
     return logits, new_cache

@@ -1,0 +1,312 @@
+"""Device meshes and the sharding rules of every parameter, the KV cache and the activations.
+
+Mesh axes (any subset, in this order):
+
+    data     batch rows (data parallel): the KV cache, tokens and logits are split by row
+    fsdp     the hidden ("embed") dim of the weights, for training later; batch rows too
+    tensor   attention heads, MLP features and the vocabulary (Megatron-style)
+
+`param_spec` is the one function that maps a parameter path to its PartitionSpec; every
+other helper (shardings of a whole tree, an abstract tree for Orbax restore, placing a
+host tree) goes through it. A dimension is split only when its unit count (heads, KV
+heads, features, vocabulary rows) is divisible by the mesh axis; otherwise it stays
+replicated on that axis, so any mesh works for any config.
+
+Activations are constrained inside the model with `constrain`, which reads the mesh set
+by `jax.set_mesh(mesh)` (`with use(mesh):`) and does nothing without one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from typing import Iterable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bluelm_jax.config import BlueLMConfig
+from bluelm_jax.params import PathT, flatten, param_shapes, set_path
+
+DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
+AXES = (DATA, FSDP, TENSOR)
+BATCH = (DATA, FSDP)  # mesh axes that split batch rows
+
+# Logical dims of every parameter (params.py names), without sizes. "layers" is the
+# stacked layer axis (never split: the model scans over it).
+PARAM_AXES: dict[PathT, tuple[Optional[str], ...]] = {
+    ("embed_tokens",): ("vocab", "embed"),
+    ("embed_layer_norm", "weight"): ("norm",),
+    ("embed_layer_norm", "bias"): ("norm",),
+    ("layers", "input_layernorm"): ("layers", "norm"),
+    ("layers", "q_proj"): ("layers", "embed", "heads"),
+    ("layers", "k_proj"): ("layers", "embed", "kv_heads"),
+    ("layers", "v_proj"): ("layers", "embed", "kv_heads"),
+    ("layers", "o_proj"): ("layers", "heads", "embed"),
+    ("layers", "post_attention_layernorm"): ("layers", "norm"),
+    ("layers", "gate_proj"): ("layers", "embed", "mlp"),
+    ("layers", "up_proj"): ("layers", "embed", "mlp"),
+    ("layers", "down_proj"): ("layers", "mlp", "embed"),
+    ("norm",): ("norm",),
+    ("lm_head",): ("embed", "vocab"),
+}
+
+# Logical dim -> mesh axis (None: replicated).
+RULES: dict[str, Optional[str]] = {
+    "vocab": TENSOR, "heads": TENSOR, "kv_heads": TENSOR, "mlp": TENSOR,
+    "embed": FSDP, "norm": None, "layers": None,
+}
+
+
+class MeshError(ValueError):
+    """A mesh description that cannot be built on the devices present."""
+
+
+# --------------------------------------------------------------------------- meshes
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """"data=2,tensor=4" -> {"data": 2, "tensor": 4}; one size may be -1 (the rest of the devices)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise MeshError("empty mesh description (expected e.g. 'data=2,tensor=4')")
+    sizes: dict[str, int] = {}
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*([a-z]+)\s*[=:]\s*(-1|\d+)\s*", part)
+        if not m:
+            raise MeshError(f"bad mesh axis {part.strip()!r} in {spec!r} (expected NAME=SIZE, e.g. 'data=2,tensor=4')")
+        name, size = m.group(1), int(m.group(2))
+        if name not in AXES:
+            raise MeshError(f"unknown mesh axis {name!r} in {spec!r} (known: {', '.join(AXES)})")
+        if name in sizes:
+            raise MeshError(f"mesh axis {name!r} given twice in {spec!r}")
+        if size == 0:
+            raise MeshError(f"mesh axis {name!r} has size 0 in {spec!r}")
+        sizes[name] = size
+    if list(sizes.values()).count(-1) > 1:
+        raise MeshError(f"at most one mesh axis may be -1 in {spec!r}")
+    return sizes
+
+
+def default_mesh_shape(num_devices: int, config: Optional[BlueLMConfig] = None,
+                       devices_per_process: Optional[int] = None) -> dict[str, int]:
+    """Tensor parallelism over as many devices as the heads allow (within one process/host),
+    data parallelism over the rest."""
+    local = devices_per_process or num_devices
+    tensor = 1
+    for t in range(1, local + 1):
+        if local % t or num_devices % t:
+            continue
+        if config is None or (config.num_key_value_heads % t == 0 and config.num_attention_heads % t == 0):
+            tensor = t
+    return {DATA: num_devices // tensor, TENSOR: tensor}
+
+
+def make_mesh(spec: Union[None, str, dict] = None, devices: Optional[Sequence] = None,
+              config: Optional[BlueLMConfig] = None) -> Mesh:
+    """A mesh over `devices` (default: all) from "data=2,tensor=4", a dict, or None (the default).
+
+    Axes are kept in the order data, fsdp, tensor (tensor innermost: neighbouring devices,
+    within a host). Every device must be used.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if spec is None:
+        sizes = default_mesh_shape(n, config, n // max(1, jax.process_count()))
+    else:
+        sizes = parse_mesh(spec) if isinstance(spec, str) else dict(spec)
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if -1 in sizes.values():
+        if n % known:
+            raise MeshError(f"mesh {format_mesh(sizes)}: {n} devices are not a multiple of {known}")
+        sizes = {k: (n // known if s == -1 else s) for k, s in sizes.items()}
+    if math.prod(sizes.values()) != n:
+        raise MeshError(f"mesh {format_mesh(sizes)} needs {math.prod(sizes.values())} devices, {n} present")
+    names = tuple(a for a in AXES if a in sizes)
+    shape = tuple(sizes[a] for a in names)
+    types = (jax.sharding.AxisType.Auto,) * len(names)
+    try:
+        return jax.make_mesh(shape, names, axis_types=types, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):  # odd device topologies
+        return Mesh(np.asarray(devices).reshape(shape), names, axis_types=types)
+
+
+def format_mesh(mesh: Union[Mesh, dict]) -> str:
+    """"data=2,tensor=4"."""
+    sizes = dict(mesh.shape) if isinstance(mesh, Mesh) else mesh
+    return ",".join(f"{k}={v}" for k, v in sizes.items())
+
+
+@contextlib.contextmanager
+def use(mesh: Optional[Mesh]):
+    """Sets `mesh` as the ambient mesh of jit and `constrain` (no-op for None)."""
+    if mesh is None:
+        yield None
+        return
+    with jax.set_mesh(mesh):
+        yield mesh
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def _axis_sizes(mesh) -> dict[str, int]:
+    return dict(mesh.shape)
+
+
+def _fits(mesh_axes, units: int, sizes: dict[str, int]):
+    """mesh_axes (a name, a tuple of names or None) restricted to those present that divide `units`."""
+    if mesh_axes is None:
+        return None
+    names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    kept, total = [], 1
+    for name in names:
+        if name in sizes and sizes[name] > 1 and units % (total * sizes[name]) == 0:
+            kept.append(name)
+            total *= sizes[name]
+    if not kept:
+        return None
+    return kept[0] if len(kept) == 1 else tuple(kept)
+
+
+def _units(config: BlueLMConfig) -> dict[str, int]:
+    """How many indivisible units each logical dim has (a head is never split)."""
+    return {"vocab": config.vocab_size, "heads": config.num_attention_heads,
+            "kv_heads": config.num_key_value_heads, "mlp": config.intermediate_size,
+            "embed": config.hidden_size, "norm": config.hidden_size, "layers": config.num_hidden_layers}
+
+
+def param_spec(path: PathT, config: BlueLMConfig, mesh) -> P:
+    """THE rule: the PartitionSpec of parameter `path` (e.g. ("layers", "q_proj")) on `mesh`.
+
+    embed_tokens [vocab, hidden]: P(tensor, fsdp); lm_head [hidden, vocab]: P(fsdp, tensor);
+    q/k/v_proj [layers, hidden, heads*head_dim]: P(None, fsdp, tensor) (whole heads per device);
+    o_proj: P(None, tensor, fsdp); gate/up_proj: P(None, fsdp, tensor); down_proj: P(None, tensor, fsdp);
+    norms and the embedding LayerNorm: replicated. Axes absent from the mesh or not dividing
+    the dim's units are dropped (replicated).
+    """
+    try:
+        logical = PARAM_AXES[tuple(path)]
+    except KeyError:
+        raise KeyError(f"no sharding rule for parameter {'/'.join(path)}") from None
+    sizes, units = _axis_sizes(mesh), _units(config)
+    return P(*(_fits(RULES[name], units[name], sizes) for name in logical))
+
+
+def param_specs(config: BlueLMConfig, mesh) -> dict:
+    """The parameter tree with PartitionSpecs as leaves."""
+    tree: dict = {}
+    for path, _ in flatten(param_shapes(config)):
+        set_path(tree, path, param_spec(path, config, mesh))
+    return tree
+
+
+def param_shardings(config: BlueLMConfig, mesh: Mesh) -> dict:
+    """The parameter tree with NamedShardings as leaves (for jit and Orbax restore)."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(config, mesh),
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def abstract_params(config: BlueLMConfig, mesh: Mesh, dtype=jnp.float32) -> dict:
+    """jax.ShapeDtypeStructs carrying NamedShardings: the target of a sharded restore."""
+    shardings = param_shardings(config, mesh)
+    tree: dict = {}
+    for path, shape in flatten(param_shapes(config)):
+        sharding = shardings
+        for key in path:
+            sharding = sharding[key]
+        set_path(tree, path, jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding))
+    return tree
+
+
+def put(x, sharding: NamedSharding) -> jax.Array:
+    """Places a host array (the same global value on every process) by `sharding`; each device
+    receives only its slice, copied from the host one shard at a time."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def shard_params(params: dict, config: BlueLMConfig, mesh: Mesh) -> dict:
+    """Places a parameter tree (host or device arrays) on `mesh` by `param_spec`."""
+    out: dict = {}
+    for path, leaf in flatten(params):
+        sharding = NamedSharding(mesh, param_spec(path, config, mesh))
+        if isinstance(leaf, jax.Array) and leaf.is_fully_addressable:
+            set_path(out, path, jax.device_put(leaf, sharding))
+        else:
+            set_path(out, path, put(leaf, sharding))
+    return out
+
+
+def batch_spec(mesh, batch: int, *rest: Optional[str]) -> P:
+    """[batch, ...] arrays (tokens, positions, start): rows on data (and fsdp) when they divide."""
+    return P(_fits(BATCH, batch, _axis_sizes(mesh)), *rest)
+
+
+def logits_spec(mesh, batch: int, vocab: int) -> P:
+    """[batch, seq, vocab] logits: rows on data, vocabulary on tensor (as lm_head leaves them)."""
+    sizes = _axis_sizes(mesh)
+    return P(_fits(BATCH, batch, sizes), None, _fits(TENSOR, vocab, sizes))
+
+
+def cache_spec(mesh, batch: int, kv_heads: int) -> P:
+    """KV cache k/v [layers, batch, max_len, kv_heads, head_dim]: rows on data, KV heads on tensor."""
+    sizes = _axis_sizes(mesh)
+    return P(None, _fits(BATCH, batch, sizes), None, _fits(TENSOR, kv_heads, sizes), None)
+
+
+def cache_shardings(mesh: Mesh, batch: int, config: BlueLMConfig):
+    """A KVCache of NamedShardings: k and v split as `cache_spec`, index replicated, start by row."""
+    from bluelm_jax.model import KVCache
+
+    kv = NamedSharding(mesh, cache_spec(mesh, batch, config.num_key_value_heads))
+    return KVCache(kv, kv, NamedSharding(mesh, P()), NamedSharding(mesh, batch_spec(mesh, batch)))
+
+
+# --------------------------------------------------------------------------- activations
+
+# Logical layouts of the activations the model constrains.
+ACTIVATIONS: dict[str, tuple[Optional[str], ...]] = {
+    "hidden": ("batch", None, None),  # [batch, seq, hidden]
+    "logits": ("batch", None, "vocab"),  # [batch, seq, vocab]
+    "kv_cache": (None, "batch", None, "kv_heads", None),  # [layers, batch, max_len, kv_heads, head_dim]
+}
+_ACTIVATION_RULES = {"batch": BATCH, "vocab": TENSOR, "kv_heads": TENSOR, "heads": TENSOR}
+
+
+def activation_spec(kind: str, shape: Sequence[int], mesh) -> P:
+    """The PartitionSpec of activation `kind` (see ACTIVATIONS) of this shape on `mesh`."""
+    sizes = _axis_sizes(mesh)
+    return P(*(_fits(_ACTIVATION_RULES.get(name), n, sizes) if name else None
+               for name, n in zip(ACTIVATIONS[kind], shape)))
+
+
+def constrain(x: jax.Array, kind: str) -> jax.Array:
+    """with_sharding_constraint by `activation_spec` under the ambient mesh; identity without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, activation_spec(kind, x.shape, mesh))
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The global value of `x` as numpy on every process (gathers shards held by other hosts)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def describe(params: dict, mesh: Optional[Mesh] = None) -> Iterable[str]:
+    """One line per parameter: path, global shape, PartitionSpec, per-device shard shape."""
+    for path, leaf in flatten(params):
+        sharding = getattr(leaf, "sharding", None)
+        spec = getattr(sharding, "spec", None)
+        shard = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+        yield f"{'/'.join(path):34s} {str(tuple(leaf.shape)):22s} {str(spec):34s} shard {tuple(shard)}"

@@ -1,0 +1,208 @@
+"""Meshes, the sharding rule of every parameter, and sharded greedy decoding on 8 simulated devices."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bluelm_jax import checkpoint, sharding
+from bluelm_jax.config import preset
+from bluelm_jax.params import flatten, param_shapes
+from tests.sharded_greedy import CONFIG, greedy, prompts, random_params
+
+MESHES = ["data=1,tensor=8", "data=2,tensor=4", "data=8,tensor=1"]
+
+
+@pytest.fixture(scope="module")
+def host_params():
+    return random_params(CONFIG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(host_params):
+    """Greedy ids and last logits on one device, no mesh."""
+    tokens, start = prompts(CONFIG)
+    ids, last, _ = greedy(jax.device_put(host_params, jax.devices()[0]), tokens, start)
+    assert len(np.unique(ids)) >= 10  # varied tokens: a sharding bug cannot hide behind a constant output
+    return ids, last
+
+
+def test_eight_simulated_devices():
+    assert jax.device_count() == 8, "tests/conftest.py sets --xla_force_host_platform_device_count=8"
+
+
+def test_parse_and_make_mesh():
+    assert sharding.parse_mesh("data=2,tensor=4") == {"data": 2, "tensor": 4}
+    assert sharding.parse_mesh(" tensor = 8 ") == {"tensor": 8}
+    mesh = sharding.make_mesh("data=2,tensor=4")
+    assert dict(mesh.shape) == {"data": 2, "tensor": 4} and mesh.axis_names == ("data", "tensor")
+    assert dict(sharding.make_mesh("data=-1,tensor=2").shape) == {"data": 4, "tensor": 2}
+    assert dict(sharding.make_mesh("tensor=4,fsdp=2").shape) == {"fsdp": 2, "tensor": 4}  # canonical order
+    for bad, why in [("data=3,tensor=4", "needs 12 devices, 8 present"), ("model=8", "unknown mesh axis"),
+                     ("data=2,data=4", "given twice"), ("data=x", "bad mesh axis"), ("", "empty"),
+                     ("data=-1,tensor=-1", "at most one"), ("data=3,tensor=-1", "not a multiple")]:
+        with pytest.raises(sharding.MeshError, match=why):
+            sharding.make_mesh(bad)
+    # the default: tensor parallel over as many devices as the KV heads allow, data over the rest
+    assert dict(sharding.make_mesh(config=CONFIG).shape) == {"data": 2, "tensor": 4}
+    assert dict(sharding.make_mesh(config=preset("bluelm-7b-chat")).shape) == {"data": 1, "tensor": 8}
+    assert sharding.default_mesh_shape(8, preset("tiny")) == {"data": 4, "tensor": 2}
+
+
+def test_partition_spec_of_every_parameter():
+    """Pins the rule for the 7B shapes on data=2,tensor=4 and on data=2,fsdp=2,tensor=2."""
+    config = preset("bluelm-7b-chat")
+    expected = {
+        "data=2,tensor=4": {
+            "embed_tokens": P("tensor", None),
+            "embed_layer_norm/bias": P(None), "embed_layer_norm/weight": P(None),
+            "layers/input_layernorm": P(None, None), "layers/post_attention_layernorm": P(None, None),
+            "layers/q_proj": P(None, None, "tensor"), "layers/k_proj": P(None, None, "tensor"),
+            "layers/v_proj": P(None, None, "tensor"), "layers/o_proj": P(None, "tensor", None),
+            "layers/gate_proj": P(None, None, "tensor"), "layers/up_proj": P(None, None, "tensor"),
+            "layers/down_proj": P(None, "tensor", None),
+            "norm": P(None), "lm_head": P(None, "tensor"),
+        },
+        "data=2,fsdp=2,tensor=2": {
+            "embed_tokens": P("tensor", "fsdp"),
+            "embed_layer_norm/bias": P(None), "embed_layer_norm/weight": P(None),
+            "layers/input_layernorm": P(None, None), "layers/post_attention_layernorm": P(None, None),
+            "layers/q_proj": P(None, "fsdp", "tensor"), "layers/k_proj": P(None, "fsdp", "tensor"),
+            "layers/v_proj": P(None, "fsdp", "tensor"), "layers/o_proj": P(None, "tensor", "fsdp"),
+            "layers/gate_proj": P(None, "fsdp", "tensor"), "layers/up_proj": P(None, "fsdp", "tensor"),
+            "layers/down_proj": P(None, "tensor", "fsdp"),
+            "norm": P(None), "lm_head": P("fsdp", "tensor"),
+        },
+    }
+    for mesh_spec, specs in expected.items():
+        mesh = sharding.make_mesh(mesh_spec)
+        got = {"/".join(path): spec for path, spec in flatten(sharding.param_specs(config, mesh))}
+        assert got == specs, mesh_spec
+    # the divisibility fallback: 4 KV heads cannot be split 8 ways, 8 query heads can
+    mesh = sharding.make_mesh("tensor=8")
+    assert sharding.param_spec(("layers", "k_proj"), CONFIG, mesh) == P(None, None, None)
+    assert sharding.param_spec(("layers", "q_proj"), CONFIG, mesh) == P(None, None, "tensor")
+    assert sharding.cache_spec(mesh, 8, CONFIG.num_key_value_heads) == P(None, None, None, None, None)
+    assert sharding.cache_spec(sharding.make_mesh("data=2,tensor=4"), 8, 32) == P(None, "data", None, "tensor", None)
+    with pytest.raises(KeyError, match="no sharding rule"):
+        sharding.param_spec(("layers", "qkv"), config, mesh)
+
+
+def expected_shard_shape(shape, spec, mesh):
+    out = list(shape)
+    for dim, axes in enumerate(spec):
+        for axis in (axes,) if isinstance(axes, str) else (axes or ()):
+            out[dim] //= mesh.shape[axis]
+    return tuple(out)
+
+
+def check_each_device_holds_its_shard(params, mesh):
+    """Every device holds exactly one shard of each leaf, of the size the spec implies."""
+    split = 0
+    for path, leaf in flatten(params):
+        spec = sharding.param_spec(path, CONFIG, mesh)
+        assert leaf.sharding.spec == spec and leaf.sharding.mesh == mesh, path
+        want = expected_shard_shape(leaf.shape, spec, mesh)
+        shards = leaf.addressable_shards
+        assert len(shards) == len(mesh.devices.flat)
+        assert {s.device for s in shards} == set(mesh.devices.flat)
+        for s in shards:
+            assert s.data.shape == want, (path, s.data.shape, want)
+        split += want != leaf.shape
+    return split
+
+
+@pytest.mark.parametrize("mesh_spec", MESHES)
+def test_sharded_greedy_equals_single_device(mesh_spec, host_params, reference):
+    mesh = sharding.make_mesh(mesh_spec)
+    params = sharding.shard_params(host_params, CONFIG, mesh)
+    split = check_each_device_holds_its_shard(params, mesh)
+    assert split == (0 if mesh.shape["tensor"] == 1 else (9 if mesh.shape["tensor"] == 4 else 7))
+    tokens, start = prompts(CONFIG)
+    ids, last, cache = greedy(params, tokens, start, mesh=mesh)
+    ref_ids, ref_last = reference
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(last, ref_last, atol=1e-4)
+    # the KV cache: rows on data, KV heads on tensor (when they divide)
+    want = expected_shard_shape(cache.k.shape, sharding.cache_spec(mesh, 8, CONFIG.num_key_value_heads), mesh)
+    assert cache.k.sharding.spec == sharding.cache_spec(mesh, 8, CONFIG.num_key_value_heads)
+    assert {s.data.shape for s in cache.k.addressable_shards} == {want}
+
+
+def test_checkpoint_saved_on_one_mesh_restores_onto_another(tmp_path, host_params, reference):
+    saved_on = sharding.make_mesh("data=2,tensor=4")
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    checkpoint.save_params(directory / checkpoint.PARAMS_DIR, sharding.shard_params(host_params, CONFIG, saved_on))
+    checkpoint.write_metadata(directory, "float32")
+    (directory / checkpoint.CONFIG_FILE).write_text(json.dumps(CONFIG.to_hf_dict()))
+    tokens, start = prompts(CONFIG)
+    for target in ("data=8,tensor=1", "data=1,tensor=8"):
+        mesh = sharding.make_mesh(target)
+        params = checkpoint.restore_params(directory, CONFIG, shardings=sharding.param_shardings(CONFIG, mesh))
+        check_each_device_holds_its_shard(params, mesh)
+        ids, _, _ = greedy(params, tokens, start, mesh=mesh)
+        np.testing.assert_array_equal(ids, reference[0])
+    abstract = sharding.abstract_params(CONFIG, mesh)
+    assert abstract["lm_head"].sharding.spec == P(None, "tensor") and abstract["lm_head"].shape == (256, 640)
+
+
+def test_constrain_is_identity_without_a_mesh():
+    x = np.ones((4, 3, 8), np.float32)
+    assert sharding.constrain(x, "hidden") is x
+    mesh = sharding.make_mesh("data=2,tensor=4")
+    assert sharding.activation_spec("logits", (4, 1, 640), mesh) == P("data", None, "tensor")
+    assert sharding.activation_spec("logits", (3, 1, 642), mesh) == P(None, None, None)
+    lines = list(sharding.describe(sharding.shard_params(random_params(CONFIG), CONFIG, mesh)))
+    assert len(lines) == len(list(flatten(param_shapes(CONFIG)))) and "shard (2, 256)" in " ".join(lines)
+
+
+def test_notebook_runs_on_simulated_devices(tmp_path):
+    """notebooks/sharded_generation.ipynb, executed top to bottom on 8 simulated CPU devices."""
+    import nbclient
+    import nbformat
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    nb = nbformat.read(os.path.join(root, "notebooks", "sharded_generation.ipynb"), as_version=4)
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    old = {k: os.environ.get(k) for k in [*env, "BLUELM_MODEL_DIR"]}
+    os.environ.update(env)
+    os.environ.pop("BLUELM_MODEL_DIR", None)
+    try:
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "cpu 8 devices" in text and "data=1,tensor=8" in text
+    assert "sharded == single device: True" in text
+    assert "layers/q_proj" in text and "shard (2, 256, 32)" in text
+
+
+def test_load_onto_a_mesh_then_generate(hf_checkpoint, tmp_path):
+    """HF dir -> converter -> load(dir, mesh=...): every device reads only its shards; sharded
+    generation gives the single-device tokens."""
+    import bluelm_jax
+    from bluelm_jax.generate import generate
+    from convert.hf_to_flax import convert_hf_to_flax
+
+    out = tmp_path / "converted"
+    convert_hf_to_flax(hf_checkpoint("tiny-gqa"), out, dtype="float32", progress=False)
+    mesh = sharding.make_mesh("data=2,tensor=4")
+    model = bluelm_jax.load(out, mesh=mesh)
+    assert model.mesh is mesh
+    q = model.params["layers"]["q_proj"]
+    assert q.sharding.spec == P(None, None, "tensor") and {s.data.shape for s in q.addressable_shards} == {(2, 256, 64)}
+    prompts = [[1, 45, 300, 17, 9], [1, 7, 77, 177, 277, 377, 400, 11]]
+    with sharding.use(model.mesh):
+        sharded = generate(model, prompts, max_new_tokens=12)
+    single = generate(bluelm_jax.load(out), prompts, max_new_tokens=12)
+    assert sharded.ids == single.ids and len({t for row in single.ids for t in row}) > 3
