@@ -1,0 +1,22 @@
+"""The default model: a small BlueLM-architecture model shipped in Hugging Face layout.
+
+A few million parameters, a bilingual Chinese/English SentencePiece tokenizer with the
+BlueLM special pieces, trained by bluelm_jax.train on corpus.py until it reproduces every
+trained answer under greedy decoding. Rebuild with `python scripts/build_default_model.py`.
+"""
+
+from __future__ import annotations
+
+import os
+
+PATH = os.path.dirname(os.path.abspath(__file__))
+FILES = ("config.json", "model.safetensors", "tokenizer.model")
+
+
+def path() -> str:
+    """The directory holding config.json, model.safetensors and tokenizer.model."""
+    missing = [f for f in FILES if not os.path.isfile(os.path.join(PATH, f))]
+    if missing:
+        raise FileNotFoundError(f"{PATH}: the default model is missing {', '.join(missing)} "
+                                f"(rebuild it with: python scripts/build_default_model.py)")
+    return PATH

@@ -1,0 +1,248 @@
+"""Export a bluelm-jax (Orbax) directory back to the Hugging Face layout.
+
+    python -m convert.flax_to_hf --ckpt DIR --out DIR [--adapter DIR] [--dtype auto|bfloat16|float16|float32]
+                                 [--max-shard-size 5GB] [--force]
+
+Writes config.json (the checkpoint's, with torch_dtype set), the weights as safetensors in
+PyTorch layout (one model.safetensors, or shards model-0000i-of-0000N.safetensors with
+model.safetensors.index.json when larger than --max-shard-size) and tokenizer.model. The
+names, shapes and transposes come from params.hf_tensors, the same table the importer
+uses, so HF -> Orbax -> HF gives back identical tensors. --adapter merges a LoRA adapter
+directory (from fine-tuning) into the weights first.
+
+Tensors are converted and written one at a time. The output goes to a temporary directory
+beside --out and is renamed into place at the end; on any error it is removed and the
+command exits 1 with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from typing import Any, Iterator, Optional
+
+import ml_dtypes
+import numpy as np
+
+from bluelm_jax.config import BlueLMConfig
+from bluelm_jax.params import HFTensor, get_path, hf_tensors
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
+SAFETENSORS_TAGS = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+EXPORT_DTYPES = tuple(SAFETENSORS_TAGS)
+
+
+class ExportError(ValueError):
+    """Bad input to the exporter; the message is one line."""
+
+
+def parse_size(text: str) -> int:
+    """Bytes of "5GB", "500MB", "2GiB", "1000" ...; ExportError if unreadable."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ExportError(f"cannot read size {text!r} (e.g. 5GB, 500MB)")
+    unit = (m.group(2) or "").upper().rstrip("B")
+    scale = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
+             "KI": 1024, "MI": 1024**2, "GI": 1024**3, "TI": 1024**4}[unit]
+    size = int(float(m.group(1)) * scale)
+    if size < 1:
+        raise ExportError(f"size {text!r} must be positive")
+    return size
+
+
+def hf_arrays(params: dict, config: BlueLMConfig, dtype: str) -> Iterator[tuple[HFTensor, np.ndarray]]:
+    """(tensor, array in PyTorch layout and `dtype`) for every tensor of the checkpoint, one at a time."""
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    for t in hf_tensors(config):
+        leaf = get_path(params, t.path)
+        a = np.asarray(leaf[t.layer] if t.layer is not None else leaf)
+        if a.dtype != np_dtype:
+            a = a.astype(np_dtype)
+        if t.transpose:
+            a = a.T
+        a = np.ascontiguousarray(a)
+        if a.shape != t.hf_shape:
+            raise ExportError(f"parameter {'/'.join(t.path)} gives {t.hf_name} shape {a.shape}, expected {t.hf_shape}")
+        yield t, a
+
+
+def plan_shards(config: BlueLMConfig, itemsize: int, max_shard_bytes: int) -> list[list[HFTensor]]:
+    """Tensors grouped into shards of at most max_shard_bytes (a larger tensor gets its own)."""
+    shards: list[list[HFTensor]] = [[]]
+    size = 0
+    for t in hf_tensors(config):
+        nbytes = int(np.prod(t.hf_shape)) * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes
+    return shards
+
+
+def _header(tensors: list[HFTensor], dtype: str, itemsize: int) -> bytes:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        nbytes = int(np.prod(t.hf_shape)) * itemsize
+        header[t.hf_name] = {"dtype": SAFETENSORS_TAGS[dtype], "shape": list(t.hf_shape),
+                             "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)
+
+
+def write_weights(directory: str, params: dict, config: BlueLMConfig, dtype: str,
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """Writes the safetensors file(s) (and the index when sharded) into `directory`; returns file names."""
+    itemsize = 4 if dtype == "float32" else 2
+    shards = plan_shards(config, itemsize, max_shard_bytes)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    arrays = hf_arrays(params, config, dtype)
+    weight_map, total = {}, 0
+    for name, tensors in zip(names, shards):
+        header = _header(tensors, dtype, itemsize)
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(len(header).to_bytes(8, "little"))
+            f.write(header)
+            for t in tensors:
+                t2, a = next(arrays)
+                assert t2.hf_name == t.hf_name
+                f.write(a.tobytes())
+                total += a.nbytes
+                weight_map[t.hf_name] = name
+    if len(shards) > 1:
+        with open(os.path.join(directory, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            f.write("\n")
+    return names
+
+
+def export_params(out_dir: str, params: dict, config: BlueLMConfig, tokenizer_model: bytes, dtype: str,
+                  config_json: Optional[dict] = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                  force: bool = False) -> str:
+    """Writes a Hugging Face directory from an in-memory parameter tree, atomically.
+
+    config_json: the raw config.json to keep (its extra keys survive); default config.to_hf_dict().
+    """
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"unsupported dtype {dtype!r} (choose from {', '.join(EXPORT_DTYPES)})")
+    out_dir = os.path.abspath(out_dir)
+    if os.path.lexists(out_dir) and not force:
+        raise ExportError(f"{out_dir}: already exists (use --force to replace it)")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        write_weights(tmp, params, config, dtype, max_shard_bytes)
+        raw = {**(config_json or {}), **config.to_hf_dict()}
+        raw["torch_dtype"] = dtype
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(raw, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
+            f.write(tokenizer_model)
+        if os.path.lexists(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rmdir(old)
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def export_checkpoint(ckpt_dir: str, out_dir: str, adapter_dir: Optional[str] = None, dtype: str = "auto",
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, force: bool = False) -> str:
+    """Converted bluelm-jax dir (optionally + LoRA adapter) -> Hugging Face dir; raises on bad input."""
+    from bluelm_jax import checkpoint
+
+    ckpt_dir, out_dir = os.path.abspath(ckpt_dir), os.path.abspath(out_dir)
+    if not os.path.isdir(ckpt_dir):
+        raise ExportError(f"{ckpt_dir}: not a directory")
+    if not checkpoint.is_converted_dir(ckpt_dir):
+        hint = " (for a fine-tuning output, give its model/ directory)" if os.path.isdir(
+            os.path.join(ckpt_dir, "model")) else ""
+        raise ExportError(f"{ckpt_dir}: not a converted bluelm-jax checkpoint (no {checkpoint.METADATA_FILE}){hint}")
+    if os.path.realpath(ckpt_dir) == os.path.realpath(out_dir):
+        raise ExportError(f"{out_dir}: the output must not be the checkpoint directory")
+    if os.path.lexists(out_dir) and not force:
+        raise ExportError(f"{out_dir}: already exists (use --force to replace it)")
+    meta = checkpoint.read_metadata(ckpt_dir)
+    config_file = os.path.join(ckpt_dir, checkpoint.CONFIG_FILE)
+    config = BlueLMConfig.from_json_file(config_file)
+    with open(config_file, encoding="utf-8") as f:
+        raw = json.load(f)
+    tokenizer_file = os.path.join(ckpt_dir, checkpoint.TOKENIZER_FILE)
+    if not os.path.isfile(tokenizer_file):
+        raise ExportError(f"{tokenizer_file}: missing")
+    with open(tokenizer_file, "rb") as f:
+        tokenizer_model = f.read()
+    dtype = meta["param_dtype"] if dtype in (None, "auto") else dtype
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"unsupported dtype {dtype!r} (choose from auto, {', '.join(EXPORT_DTYPES)})")
+    params = checkpoint.restore_params(ckpt_dir, config)
+    if adapter_dir is not None:
+        from bluelm_jax import lora
+
+        tree, lora_config, _ = lora.load(adapter_dir, config)
+        params = lora.merge(params, tree, lora_config)
+    return export_params(out_dir, params, config, tokenizer_model, dtype, raw, max_shard_bytes, force)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m convert.flax_to_hf",
+        description="Export a bluelm-jax Orbax checkpoint (from the converter or from fine-tuning) to a Hugging "
+                    "Face directory: config.json, safetensors, tokenizer.model.")
+    parser.add_argument("--ckpt", required=True, help="converted bluelm-jax directory (bluelm_jax.json, params/)")
+    parser.add_argument("--out", required=True, help="output Hugging Face directory (created atomically)")
+    parser.add_argument("--adapter", default=None, help="LoRA adapter directory to merge into the weights")
+    parser.add_argument("--dtype", default="auto", choices=("auto",) + EXPORT_DTYPES,
+                        help="dtype of the written tensors (default auto: as stored in the checkpoint)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args(argv)
+
+    import jax
+    from absl import logging as absl_logging
+
+    from bluelm_jax import checkpoint
+    from bluelm_jax.config import ConfigError
+    from bluelm_jax.lora import LoraError
+
+    jax.config.update("jax_platforms", "cpu")  # export never needs an accelerator
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        out = export_checkpoint(args.ckpt, args.out, args.adapter, args.dtype, parse_size(args.max_shard_size),
+                                args.force)
+    except (ExportError, ConfigError, checkpoint.CheckpointError, LoraError, OSError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+        print(f"error: internal error ({type(e).__name__}: {_one_line(e)})", file=sys.stderr)
+        return 1
+    print(f"exported {args.ckpt} -> {out}")
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Export to Hugging Face: lossless round trip, sharding, bad input, and a fine-tuned export that the
+transformers reference decodes exactly as we do."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from bluelm_jax.config import preset
+from convert.flax_to_hf import ExportError, export_checkpoint, parse_size
+from convert.hf_to_flax import convert_hf_to_flax
+from tests.ft_helpers import greedy, qa_records, write_jsonl
+from tests.hf_reference import reference_model, write_hf_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = preset("tiny").replace(vocab_size=640)
+
+
+def hf_tensors_of(directory):
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(directory, name)))
+    return out
+
+
+def torch_tensors_of(directory):
+    from safetensors.torch import load_file as load_torch
+
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            out.update(load_torch(os.path.join(directory, name)))
+    return out
+
+
+@pytest.mark.parametrize("preset_name, dtype", [("tiny", "float32"), ("tiny-gqa", "bfloat16")])
+def test_round_trip_hf_orbax_hf_is_identical(tmp_path, tokenizer_model, preset_name, dtype):
+    src = write_hf_checkpoint(str(tmp_path / "hf"), preset(preset_name), tokenizer_model, seed=4, num_shards=3,
+                              dtype=dtype)
+    convert_hf_to_flax(src, tmp_path / "orbax", progress=False)
+    out = export_checkpoint(str(tmp_path / "orbax"), str(tmp_path / "back"), max_shard_bytes=parse_size("400KB"))
+    names = sorted(os.listdir(out))
+    assert "model.safetensors.index.json" in names and "tokenizer.model" in names and "config.json" in names
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    assert len(set(index["weight_map"].values())) > 1
+    a, b = torch_tensors_of(src), torch_tensors_of(out)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert a[name].view(-1).numpy().tobytes() == b[name].view(-1).numpy().tobytes() if dtype == "float32" else \
+            (a[name].float() == b[name].float()).all(), name
+    assert open(os.path.join(src, "tokenizer.model"), "rb").read() == open(os.path.join(out, "tokenizer.model"), "rb").read()
+    cfg_in, cfg_out = json.load(open(os.path.join(src, "config.json"))), json.load(open(os.path.join(out, "config.json")))
+    assert cfg_in == cfg_out
+
+
+def run_export(*args):
+    return subprocess.run([sys.executable, "-m", "convert.flax_to_hf", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+
+
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, hf_checkpoint):
+    hf = hf_checkpoint("tiny")
+    out = tmp_path / "out"
+    for args, expected in [
+        (["--ckpt", str(tmp_path / "none"), "--out", str(out)], "not a directory"),
+        (["--ckpt", hf, "--out", str(out)], "not a converted bluelm-jax checkpoint"),
+        (["--ckpt", hf, "--out", str(out), "--max-shard-size", "lots"], "cannot read size"),
+    ]:
+        p = run_export(*args)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], p.stderr
+        assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".out")]
+    with pytest.raises(ExportError, match="already exists"):
+        os.makedirs(out)
+        convert_hf_to_flax(hf, tmp_path / "orbax", progress=False)
+        export_checkpoint(str(tmp_path / "orbax"), str(out))
+
+
+def test_exported_finetuned_model_decodes_like_the_reference(tmp_path, tokenizer_model):
+    """LoRA fine-tune, merge, export: transformers' greedy tokens on the export equal ours."""
+    import torch
+
+    import bluelm_jax
+    from bluelm_jax import lora as L
+    from bluelm_jax import train as T
+
+    src = write_hf_checkpoint(str(tmp_path / "hf"), CONFIG, tokenizer_model, seed=6, num_shards=1)
+    convert_hf_to_flax(src, tmp_path / "orbax", progress=False)
+    model = bluelm_jax.load(tmp_path / "orbax")
+    data = write_jsonl(tmp_path / "d.jsonl", qa_records(2))
+    tc = T.TrainConfig(seq_len=64, batch_size=4, learning_rate=3e-2, max_steps=8, warmup_steps=1, data_parallel=1,
+                       lora=L.LoraConfig(rank=4, targets="all"))
+    result = T.train(model, data, tc, out_dir=str(tmp_path / "run"), progress=False, log=lambda s: None)
+    p = run_export("--ckpt", str(tmp_path / "orbax"), "--adapter", result.adapter_dir, "--out", str(tmp_path / "export"))
+    assert p.returncode == 0, p.stderr
+
+    exported = bluelm_jax.load(tmp_path / "export")
+    prompt = model.tokenizer.encode(qa_records()[0]["prompt"])
+    ours = greedy(exported.params, CONFIG, prompt, 12)
+    ours_adapters = greedy(model.params, CONFIG, prompt, 12, adapters=L.as_adapters(result.params, tc.lora))
+    base = greedy(model.params, CONFIG, prompt, 12)
+    assert ours == ours_adapters and ours != base  # the fine-tuning changed what the model says
+
+    weights = {k: v for k, v in hf_tensors_of(tmp_path / "export").items()}
+    ref = reference_model(CONFIG, weights)
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                           pad_token_id=CONFIG.pad_token_id)
+    assert out[0, len(prompt):].tolist() == ours

@@ -1,0 +1,189 @@
+"""Training: loss/gradient parity with transformers, convergence, resume, data parallelism, remat, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bluelm_jax import data as D
+from bluelm_jax import train as T
+from bluelm_jax.config import BlueLMConfig, preset
+from bluelm_jax.tokenizer import BlueLMTokenizer
+from tests.ft_helpers import params_from_hf, qa_records, tree_equal, write_jsonl
+from tests.hf_reference import random_hf_weights, reference_model
+
+CONFIG = preset("tiny").replace(vocab_size=640)  # the test tokenizer has 600 pieces
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_model):
+    return BlueLMTokenizer(tokenizer_model)
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", qa_records(2))
+
+
+def test_loss_and_gradients_match_transformers(tok, tmp_path):
+    """One step's loss and every gradient equal the reference's (float32, <= 1e-4 relative), prompt masked."""
+    import torch
+
+    weights = random_hf_weights(CONFIG, seed=3)
+    params = params_from_hf(CONFIG, weights)
+    ds = D.load_dataset(write_jsonl(tmp_path / "d.jsonl", qa_records()[:3]), tok, 64)
+    batch = D.make_batch(ds.examples, 3, 64, CONFIG.pad_token_id)  # rows of different lengths, right-padded
+    assert 0 < batch.weights.sum() < (batch.inputs != CONFIG.pad_token_id).sum() - 3  # the prompts are masked
+    tc = T.TrainConfig(seq_len=64)
+    (loss, _), grads = jax.value_and_grad(T.loss_fn, has_aux=True)(params, {}, batch, None, CONFIG, tc, jnp.float32)
+
+    ref = reference_model(CONFIG, weights)
+    ref.train()  # no dropout in LLaMA; gradients on
+    ids = np.concatenate([batch.inputs, batch.targets[:, -1:]], axis=1)  # HF shifts labels itself
+    labels = np.full(ids.shape, -100, np.int64)
+    labels[:, 1:] = np.where(batch.weights > 0, batch.targets, -100)
+    out = ref(input_ids=torch.from_numpy(ids.astype(np.int64)), labels=torch.from_numpy(labels))
+    out.loss.backward()
+    assert abs(float(loss) - out.loss.item()) <= 1e-4 * out.loss.item()
+
+    named = dict(ref.named_parameters())
+    named["model.embed_layer_norm.weight"], named["model.embed_layer_norm.bias"] = (
+        ref.embed_layer_norm.weight, ref.embed_layer_norm.bias)
+    from bluelm_jax.params import get_path, hf_tensors
+
+    for t in hf_tensors(CONFIG):
+        g = np.asarray(get_path(grads, t.path))
+        g = g[t.layer] if t.layer is not None else g
+        g = g.T if t.transpose else g
+        r = named[t.hf_name].grad.numpy()
+        rel = np.linalg.norm(g - r) / np.linalg.norm(r)
+        assert rel <= 1e-4, (t.hf_name, rel)
+
+
+def test_default_size_model_drives_loss_down(tok, tmp_path):
+    """The default model's shape (3.7M parameters), 200 steps on 4 fixed samples: loss < 0.05."""
+    train_file = write_jsonl(tmp_path / "short.jsonl", [{"prompt": q[:12], "response": a[:20]} for q, a in
+                                                        (r.values() for r in qa_records())])
+    from scripts.build_default_model import MODEL_SHAPE, init_params
+
+    import types
+
+    config = BlueLMConfig(vocab_size=640, **MODEL_SHAPE)
+    model = types.SimpleNamespace(config=config, tokenizer=tok, params=init_params(config), path="")
+    tc = T.TrainConfig(seq_len=32, batch_size=4, learning_rate=3e-3, warmup_steps=20, max_steps=200,
+                       data_parallel=1, log_steps=1000)
+    result = T.train(model, train_file, tc, progress=False, log=lambda s: None)
+    losses = [h["loss"] for h in result.history]
+    assert losses[0] > 5.0 and losses[-1] < 0.05, (losses[0], losses[-1])
+
+
+def test_kill_and_resume_reaches_the_same_parameters(tok, train_file, tmp_path):
+    model = _tiny(tok)
+    tc = T.TrainConfig(seq_len=64, batch_size=2, grad_accum=2, learning_rate=3e-3, warmup_steps=2, max_steps=6,
+                       save_steps=2, keep_checkpoints=2, data_parallel=1, seed=5)
+    whole = T.train(model, train_file, tc, out_dir=str(tmp_path / "a"), progress=False, log=lambda s: None)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(record):
+        if record["step"] == 5:  # after the checkpoint of step 4, before that of step 6
+            raise Killed
+
+    with pytest.raises(Killed):
+        T.train(model, train_file, tc, out_dir=str(tmp_path / "b"), callback=kill_at_5, progress=False,
+                log=lambda s: None)
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["2", "4"]
+    resumed = T.train(model, train_file, tc, out_dir=str(tmp_path / "b"), progress=False, log=lambda s: None)
+    assert resumed.resumed_from == 4 and [h["step"] for h in resumed.history] == [5, 6]
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history[4:]]
+    assert tree_equal(resumed.params, whole.params)
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["4", "6"]  # the last keep_checkpoints
+    log = [json.loads(line) for line in open(tmp_path / "b" / "train_log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 5, 6]
+    # the final model is a converted directory that loads
+    import bluelm_jax
+
+    loaded = bluelm_jax.load(resumed.model_dir)
+    assert tree_equal(loaded.params, resumed.params)
+
+
+def _tiny(tok):
+    import types
+
+    return types.SimpleNamespace(config=CONFIG, tokenizer=tok, path="",
+                                 params=params_from_hf(CONFIG, random_hf_weights(CONFIG, 1)))
+
+
+def test_data_parallel_matches_one_device(tok, train_file):
+    """The batch split over 8 devices gives the loss curve of one device."""
+    assert len(jax.devices()) == 8
+    model = _tiny(tok)
+    runs = [T.train(model, train_file, T.TrainConfig(seq_len=64, batch_size=8, max_steps=2, learning_rate=1e-3,
+                                                     data_parallel=n), progress=False, log=lambda s: None)
+            for n in (1, 8)]
+    np.testing.assert_allclose([h["loss"] for h in runs[0].history], [h["loss"] for h in runs[1].history],
+                               rtol=1e-5)
+
+
+def test_remat_same_gradients_and_eval(tok, train_file, tmp_path):
+    params = _tiny(tok).params
+    ds = D.load_dataset(train_file, tok, 64)
+    batch = D.make_batch(ds.examples[:2], 2, 64, CONFIG.pad_token_id)
+    g = [jax.jit(jax.grad(lambda p: T.loss_fn(p, {}, batch, None, CONFIG, T.TrainConfig(remat=r), jnp.float32)[0]))(
+        params) for r in (False, True)]
+    for a, b in zip(jax.tree.leaves(g[0]), jax.tree.leaves(g[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    r = T.train(_tiny(tok), train_file, T.TrainConfig(seq_len=64, batch_size=4, max_steps=2, eval_steps=1,
+                                                       data_parallel=1, remat=True),
+                eval_file=train_file, progress=False, log=lambda s: None)
+    assert all("eval_loss" in h for h in r.history) and r.eval_loss == r.history[-1]["eval_loss"]
+    assert r.history[0]["lr"] == 0.0 and r.history[-1]["tokens_per_s"] > 0
+
+
+def test_bad_training_data_raises(tok, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b"}, "not json"])
+    with pytest.raises(D.DataError, match=r"bad\.jsonl:2: not valid JSON"):
+        T.train(_tiny(tok), bad, T.TrainConfig(seq_len=64, max_steps=1), progress=False)
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-c", "import sys; from bluelm_jax.train import finetune_main; "
+                           "sys.exit(finetune_main(sys.argv[1:]))", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+
+
+def test_finetune_command_bad_input_is_one_line(hf_checkpoint, tmp_path, train_file):
+    hf = hf_checkpoint("tiny")
+    cases = [
+        (["--model", hf, "--train-file", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
+        (["--model", str(tmp_path / "nomodel"), "--train-file", train_file], "nomodel"),
+        (["--model", hf, "--train-file", train_file, "--lora-rank", "4", "--lora-targets", "q,zz"], "unknown LoRA target 'zz'"),
+        (["--model", hf, "--train-file", train_file, "--lr", "-1"], "learning_rate must be positive"),
+    ]
+    for args, expected in cases:
+        p = run_cli(*args, "--out", str(tmp_path / "out"))
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 1 and len(lines) == 1 and expected in lines[0] and lines[0].startswith("error:"), p.stderr
+        assert not os.path.exists(tmp_path / "out")
+
+
+def test_finetune_command_lora_on_default_model(tmp_path, train_file):
+    """No --model: the bundled default model; LoRA with --merge writes the adapter and a loadable model."""
+    out = tmp_path / "run"
+    p = run_cli("--train-file", train_file, "--eval-file", train_file, "--lora-rank", "4", "--lora-targets", "q,v",
+                "--seq-len", "64", "--batch-size", "4", "--max-steps", "3", "--save-steps", "2", "--merge",
+                "--no-progress", "--lr", "1e-3", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "done: 3 steps" in p.stdout and "eval loss" in p.stdout
+    assert sorted(os.listdir(out)) == ["adapter", "checkpoints", "model", "train_log.jsonl"]
+    import bluelm_jax
+
+    assert bluelm_jax.load(out / "model").config.num_parameters() > 1_000_000
