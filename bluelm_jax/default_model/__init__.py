@@ -2,7 +2,7 @@
 
 A few million parameters, a bilingual Chinese/English SentencePiece tokenizer with the
 BlueLM special pieces, trained by bluelm_jax.train on corpus.py until it reproduces every
-trained answer under greedy decoding. Rebuild with `python scripts/build_default_model.py`.
+trained answer under greedy decoding. Rebuild with `python -m bluelm_jax.default_model.build`.
 """
 
 from __future__ import annotations
@@ -18,5 +18,5 @@ def path() -> str:
     missing = [f for f in FILES if not os.path.isfile(os.path.join(PATH, f))]
     if missing:
         raise FileNotFoundError(f"{PATH}: the default model is missing {', '.join(missing)} "
-                                f"(rebuild it with: python scripts/build_default_model.py)")
+                                f"(rebuild it with: python -m bluelm_jax.default_model.build)")
     return PATH

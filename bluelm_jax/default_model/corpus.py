@@ -3,7 +3,7 @@
 Short chat question/answer pairs in English and Chinese, a few multi-turn chats, and
 few-shot lines in the style of the BlueLM release's examples. The default model learns
 them by heart: under greedy decoding it answers each question with exactly its answer
-(checked by scripts/build_default_model.py and tests/test_default_model.py).
+(checked by bluelm_jax/default_model/build.py and tests/test_default_model.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Rebuilds bluelm_jax/default_model/: tokenizer, config, trained weights (Hugging Face layout).
 
-    python scripts/build_default_model.py [--steps 400] [--out bluelm_jax/default_model]
+    python -m bluelm_jax.default_model.build [--steps 400] [--out bluelm_jax/default_model]
 
 1. Learns a bilingual BPE SentencePiece tokenizer (byte fallback, BlueLM's special pieces
    <unk> <s> </s> <pad> and the chat markers) from the corpus, in memory (byte-reproducible).
@@ -24,8 +24,7 @@ import tempfile
 import time
 import types
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 CHAT_PIECES = ("[|Human|]:", "[|AI|]:", "[|SYSTEM|]:", "[|Function|]:")
 TOKENIZER_VOCAB = 1024
@@ -122,7 +121,7 @@ def check_recall(params, config, tok) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--out", default=os.path.join(ROOT, "bluelm_jax", "default_model"))
+    parser.add_argument("--out", default=HERE)
     args = parser.parse_args(argv)
 
     import jax
