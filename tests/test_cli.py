@@ -1,0 +1,104 @@
+"""The generate and chat commands, run as a user runs them: a subprocess (chat through stdin)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import bluelm_jax
+from bluelm_jax import cli
+from bluelm_jax import generate as G
+from bluelm_jax.config import preset
+from tests.hf_reference import write_hf_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = preset("tiny").replace(vocab_size=640)  # room for the test tokenizer's 600 pieces
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer_model):
+    return write_hf_checkpoint(str(tmp_path_factory.mktemp("cli-hf")), CONFIG, tokenizer_model, seed=1)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return bluelm_jax.load(checkpoint)
+
+
+def run(*args, stdin=None, timeout=120):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "bluelm_jax", *args], input=stdin, capture_output=True,
+                          text=True, encoding="utf-8", cwd=ROOT, env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize("mesh", [[], ["--mesh", "data=2,tensor=4"]])  # 8 simulated CPU devices (conftest)
+def test_generate_json_matches_the_python_api(checkpoint, model, mesh):
+    p = run("generate", "--model", checkpoint, "--prompt", "Hello, how are you", "--max-new-tokens", "12", "--json",
+            *mesh)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    r = G.generate(model, "Hello, how are you", max_new_tokens=12)
+    assert out == {"text": r.texts[0], "ids": r.ids[0], "finish_reason": "length", "prompt_ids": r.prompt_ids[0]}
+    assert len(out["ids"]) == 12
+
+
+def test_generate_chat_streams_the_answer(checkpoint, model):
+    args = ["--temperature", "0.8", "--top-p", "0.8", "--top-k", "50", "--repetition-penalty", "1.1", "--seed", "3"]
+    p = run("generate", "--model", checkpoint, "--prompt", "你好", "--chat", "--max-new-tokens", "16", *args)
+    assert p.returncode == 0, p.stderr
+    r = G.generate(model, "你好", chat=True, max_new_tokens=16, temperature=0.8, top_p=0.8, top_k=50,
+                   repetition_penalty=1.1, seed=3)
+    assert p.stdout == r.texts[0] + "\n"
+    assert r.prompt_ids[0] == model.tokenizer.encode("[|Human|]:你好[|AI|]:")
+
+
+def test_chat_through_stdin(checkpoint, model):
+    p = run("chat", "--model", checkpoint, "--temperature", "0", "--max-new-tokens", "10",
+            stdin="Hello\n你好\n\nclear\nHello\nquit\nnever read\n")
+    assert p.returncode == 0, p.stderr
+
+    def answer(messages):
+        return G.generate(model, messages, chat=True, max_new_tokens=10, temperature=0.0,
+                          repetition_penalty=1.1).texts[0]
+
+    first = answer([{"role": "user", "content": "Hello"}])
+    second = answer([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first},
+                     {"role": "user", "content": "你好"}])
+    alone = answer([{"role": "user", "content": "你好"}])
+    assert second != alone  # the history changes the answer: the check below can fail
+    U, B = cli.USER_PROMPT, cli.BOT_PROMPT
+    expected = (f"{cli.BANNER}\n{U}{B}{first}\n{U}{B}{second}\n{U}{U}{cli.CLEARED}\n{U}{B}{first}\n{U}")
+    assert p.stdout == expected
+
+
+def test_bad_input_gives_one_line_and_nonzero_exit(checkpoint, tmp_path):
+    cases = [
+        ("generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"),
+        ("generate", "--model", checkpoint, "--prompt", "hi", "--temperature", "-1"),
+        ("generate", "--model", checkpoint, "--prompt", "hi", "--max-new-tokens", "zero"),
+        ("generate", "--model", checkpoint, "--prompt", "hi", "--top-p", "1.5"),
+        ("generate", "--prompt", "hi"),
+        ("generate", "--model", checkpoint, "--prompt", "hi", "--system", "be brief"),
+        ("generate", "--model", checkpoint, "--prompt", "hi", "--mesh", "data=3"),
+        ("chat", "--model", str(tmp_path)),
+        ("frobnicate",),
+        (),
+    ]
+    for args in cases:
+        p = run(*args)
+        assert p.returncode != 0, args
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and "error" in lines[0], (args, p.stderr)
+        assert p.stdout == ""
+
+
+def test_help():
+    for args in [("--help",), ("generate", "--help"), ("chat", "--help")]:
+        p = run(*args)
+        assert p.returncode == 0 and "usage" in p.stdout
+    p = run("generate", "--help")
+    for flag in ("--model", "--prompt", "--chat", "--max-new-tokens", "--temperature", "--top-p", "--top-k",
+                 "--repetition-penalty", "--seed", "--json"):
+        assert flag in p.stdout
