@@ -90,8 +90,9 @@ def _seed(text: str) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="PATH",
-                   help="a converted bluelm-jax (Orbax) directory or a Hugging Face BlueLM directory")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="a converted bluelm-jax (Orbax) directory or a Hugging Face BlueLM directory "
+                        "(default: the small demonstration model bundled with the package)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="parameter and compute dtype (default: float32 on CPU, bfloat16 compute on GPU/TPU)")
     p.add_argument("--mesh", default=None, metavar="SPEC",
@@ -160,6 +161,10 @@ def _load(args):
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
     if mesh is not None:
         kwargs["mesh"] = mesh
+    if args.model is None:
+        from bluelm_jax import default_model
+
+        args.model = default_model.path()
     return bluelm_jax.load(args.model, **kwargs), mesh
 
 

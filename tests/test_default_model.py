@@ -62,8 +62,6 @@ def test_loaded_from_orbax_answers_exactly(orbax_dir):
 
 
 def test_generate_command_answers_exactly(orbax_dir):
-    if not os.path.isfile(os.path.join(ROOT, "bluelm_jax", "__main__.py")):
-        pytest.skip("the generate command (bluelm_jax/__main__.py) is not there yet")
     for prompt, answer, chat in CASES[:2] + CASES[4:6]:
         p = subprocess.run([sys.executable, "-m", "bluelm_jax", "generate", "--model", orbax_dir, "--json",
                             "--max-new-tokens", "64", "--prompt", prompt] + (["--chat"] if chat else []),
@@ -72,3 +70,14 @@ def test_generate_command_answers_exactly(orbax_dir):
         assert p.returncode == 0, p.stderr
         out = json.loads(p.stdout)
         assert out["text"].strip() == answer and out["finish_reason"] == "stop", (prompt, out)
+
+
+def test_generate_command_without_model_uses_the_bundled_model():
+    """The README's first command: no --model at all."""
+    prompt, answer, chat = CASES[0]
+    p = subprocess.run([sys.executable, "-m", "bluelm_jax", "generate", "--json", "--prompt", prompt]
+                       + (["--chat"] if chat else []), capture_output=True, text=True, cwd=ROOT, timeout=180,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["text"].strip() == answer and out["finish_reason"] == "stop", (prompt, out)
