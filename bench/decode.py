@@ -9,9 +9,13 @@ Decode tokens per second exclude the prefill:
   * transformers: generate(N + 1 new tokens) minus generate(1 new token), both with
     min_new_tokens so that no row stops early.
 Roofline: a decode step must read every parameter except the embedding table once
-(bytes per step = that many parameters x 4); at the measured copy bandwidth (STREAM
-convention: 2 x bytes / time) that gives the most steps per second; the fraction is
-measured steps per second / that bound. Timings are never asserted in tests.
+(bytes per step = that many parameters x 4); at the measured copy bandwidth (bytes copied
+per second by a large numpy copy, the convention of ../shared/DESIGN.md; the STREAM
+convention would count the read and the write, twice this) that gives the most steps per
+second; the fraction is measured steps per second / that bound.
+`--layout` picks bluelm-jax's parameter layout: `per-layer` (what `generate` on one device
+uses: `load(..., per_layer=True)`) or `stacked` (the scanned layout of training and sharding).
+Timings are never asserted in tests.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import numpy as np  # noqa: E402
 
 from bluelm_jax import generate as G  # noqa: E402
 from bluelm_jax.config import BlueLMConfig  # noqa: E402
-from bluelm_jax.params import hf_tensors, set_path  # noqa: E402
+from bluelm_jax.params import hf_tensors, set_path, unstack_layers  # noqa: E402
 
 SHAPES = {
     # ~58M parameters
@@ -51,7 +55,7 @@ class _Model:
 
 
 def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
-    """Bytes per second of a large memory copy, counting the read and the write."""
+    """Bytes copied per second by a large memory copy (each byte counted once)."""
     src = np.ones(nbytes // 4, np.float32)
     dst = np.empty_like(src)
     best = float("inf")
@@ -59,7 +63,7 @@ def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
         t = time.perf_counter()
         np.copyto(dst, src)
         best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best
+    return nbytes / best
 
 
 def params_from_hf(config, weights) -> dict:
@@ -136,6 +140,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layout", choices=("per-layer", "stacked"), default="per-layer",
+                        help="bluelm-jax parameter layout (default per-layer, as generate uses on one device)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     args = parser.parse_args(argv)
 
@@ -147,7 +153,7 @@ def main(argv=None) -> None:
     bw = copy_bandwidth()
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs, torch threads {args.threads}")
-    print(f"copy bandwidth {bw / 1e9:.1f} GB/s; prompt {PROMPT_LEN} tokens; {args.new_tokens} new tokens; "
+    print(f"bluelm-jax layout {args.layout}; copy bandwidth {bw / 1e9:.1f} GB/s; prompt {PROMPT_LEN} tokens; {args.new_tokens} new tokens; "
           f"median of {args.repeats}")
     header = (f"{'shape':<7} {'params':>7} {'batch':>5} | {'jax tok/s':>9} {'hf tok/s':>9} {'ratio':>6} | "
               f"{'roofline tok/s':>14} {'jax %roof':>9} {'hf %roof':>9}")
@@ -155,7 +161,9 @@ def main(argv=None) -> None:
     for name in args.shapes:
         config = SHAPES[name]
         weights = random_hf_weights(config, seed=0)
-        model = _Model(config, params_from_hf(config, weights))
+        params = params_from_hf(config, weights)
+        model = _Model(config, unstack_layers(params) if args.layout == "per-layer" else params)
+        del params
         ref = reference_model(config, weights)
         del weights
         step_bytes = bytes_per_step(config)

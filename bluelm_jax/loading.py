@@ -12,7 +12,7 @@ import numpy as np
 
 from bluelm_jax import checkpoint
 from bluelm_jax.config import BlueLMConfig
-from bluelm_jax.params import flatten, set_path
+from bluelm_jax.params import flatten, set_path, unstack_layers
 
 TokenIds = Union[Sequence[Sequence[int]], np.ndarray, jax.Array]
 
@@ -87,7 +87,7 @@ _FORWARD = None
 
 
 def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
-         shardings: checkpoint.Shardings = None, mesh: Any = None) -> BlueLM:
+         shardings: checkpoint.Shardings = None, mesh: Any = None, per_layer: bool = False) -> BlueLM:
     """Loads a converted bluelm-jax directory, or a Hugging Face directory (converted in memory).
 
     dtype: parameter dtype (default: as converted; for a Hugging Face dir, bfloat16 or float32
@@ -95,6 +95,9 @@ def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
     (first device), one Sharding, or a tree of Shardings shaped like the parameters.
     mesh: a jax.sharding.Mesh (e.g. `sharding.make_mesh("data=2,tensor=4")`): the parameters are
     restored straight into the shards of `sharding.param_spec` (replaces `shardings`).
+    per_layer: hold the layers as a list of per-layer weights (`params.unstack_layers`), the
+    fastest layout for inference on one device; training, sharding and export need the
+    default stacked layout.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -114,6 +117,8 @@ def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
         params = checkpoint.restore_params(path, config, dtype, shardings)
     else:
         params = _load_hf(path, config, dtype, shardings)
+    if per_layer:
+        params = unstack_layers(params)
     compute = jnp.dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype()
     return BlueLM(config, tokenizer, params, compute, path, mesh)
 

@@ -5,6 +5,10 @@ axis of every per-layer weight (see params.py) and run with `lax.scan`, so the c
 program has one layer body whatever the depth. Norms, softmax and logits are float32;
 matrix products run in `compute_dtype` (float32 on CPU, bfloat16 on GPU/TPU).
 
+`params["layers"]` may also be a list of per-layer dicts (`params.unstack_layers`): the
+layers are then unrolled, each weight its own buffer. That is the fastest layout for
+decoding on CPU, where XLA copies a layer's slice out of a stacked weight at every step.
+
 The KV cache is preallocated: `[layers, batch, max_len, kv_heads, head_dim]`, written in
 place with `dynamic_update_slice`. Rows of a batch share one write index: prompts of
 different lengths are left-padded, and `start[b]` is the first real slot of row b.
@@ -151,8 +155,16 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, config: BlueL
     if remat:
         layer = jax.checkpoint(layer)
     kv = None if cache is None else (constrain(cache.k, "kv_cache"), constrain(cache.v, "kv_cache"))
-    layer_inputs = (params["layers"], {}, {}) if adapters is None else (params["layers"], adapters.a, adapters.b)
-    (x, kv, _), _ = jax.lax.scan(layer, (x, kv, jnp.zeros((), jnp.int32)), layer_inputs)
+    if isinstance(params["layers"], (list, tuple)):  # per-layer layout (params.unstack_layers): unrolled
+        if adapters is not None:
+            raise ValueError("adapters need the stacked layer layout (see params.unstack_layers)")
+        carry = (x, kv, 0)
+        for layer_params in params["layers"]:
+            carry, _ = layer(carry, (layer_params, {}, {}))
+        x, kv, _ = carry
+    else:
+        layer_inputs = (params["layers"], {}, {}) if adapters is None else (params["layers"], adapters.a, adapters.b)
+        (x, kv, _), _ = jax.lax.scan(layer, (x, kv, jnp.zeros((), jnp.int32)), layer_inputs)
 
     if last_only:
         x = x[:, -1:]

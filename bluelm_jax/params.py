@@ -16,6 +16,9 @@ Projection matrices are stored `[in, out]` (Hugging Face/PyTorch stores `[out, i
     norm                                [hidden]
     lm_head                             [hidden, vocab]
 
+For inference, `unstack_layers` turns `layers` into a list of per-layer dicts with the same
+leaf names (no layer axis); training, sharding and export use the stacked layout.
+
 This module is the single place where these names live; the converters in `convert/`
 and the sharding rules use it.
 """
@@ -118,3 +121,20 @@ def flatten(tree: dict, prefix: PathT = ()) -> Iterator[tuple[PathT, object]]:
             yield from flatten(value, prefix + (key,))
         else:
             yield prefix + (key,), value
+
+
+def unstack_layers(params: dict) -> dict:
+    """The per-layer layout: params["layers"] becomes a list of dicts, one buffer per weight.
+
+    Takes `params` over: its stacked leaves are split and dropped one at a time, so the peak
+    is one leaf more than the parameters themselves (when nothing else refers to them).
+    """
+    stacked = params.pop("layers")
+    num_layers = len(next(iter(stacked.values())))
+    per_layer: list[dict] = [{} for _ in range(num_layers)]
+    for name in list(stacked):
+        leaf = stacked.pop(name)
+        for i in range(num_layers):
+            per_layer[i][name] = leaf[i]
+        del leaf
+    return {**params, "layers": per_layer}

@@ -170,3 +170,11 @@ def test_logits_with_positions(dirs):
     assert np.abs(default - shifted).max() > 1e-4
     with pytest.raises(ValueError, match="positions must have the shape"):
         model.logits(ids, positions=np.arange(3)[None])
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_per_layer_load_gives_the_same_logits(dirs, which):
+    stacked, per_layer = bluelm_jax.load(dirs[which]), bluelm_jax.load(dirs[which], per_layer=True)
+    assert isinstance(per_layer.params["layers"], list) and len(per_layer.params["layers"]) == CONFIG.num_hidden_layers
+    ids = [stacked.tokenizer.encode("BlueLM runs in JAX. 你好")]
+    np.testing.assert_allclose(np.asarray(per_layer.logits(ids)), np.asarray(stacked.logits(ids)), atol=1e-5)
