@@ -12,6 +12,8 @@ import shutil
 import sys
 from typing import Optional
 
+from bluelm_jax.command_line import run_reporting_errors
+
 
 def build_parser() -> argparse.ArgumentParser:
     from bluelm_jax.train import TrainConfig
@@ -91,22 +93,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     out = os.path.abspath(args.out)
     existed = os.path.exists(out)
-    try:
-        return _run(args, out)
-    except KeyboardInterrupt:
-        print("error: interrupted (resume by running the same command again)", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+
+    def discard_new_output() -> None:
         if not existed and os.path.isdir(out) and not os.path.isdir(os.path.join(out, "checkpoints")):
             shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping
-        known = (ValueError, OSError, FileNotFoundError)
-        text = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
-        prefix = "" if isinstance(e, known) else f"internal error ({type(e).__name__}): "
-        print(f"error: {prefix}{' '.join(text.split())}", file=sys.stderr)
-        return 1
+
+    return run_reporting_errors(lambda: _run(args, out), (ValueError, OSError),
+                                interrupted="interrupted (resume by running the same command again)",
+                                on_error=discard_new_output)
 
 
-def _run(args, out: str) -> int:
+def _run(args, out: str) -> str:
     tc = config_from_args(args)
     for f in (args.train_file, args.eval_file):
         if f is not None and not os.path.isfile(f):
@@ -137,8 +134,7 @@ def _run(args, out: str) -> int:
     for name, d in (("adapter", result.adapter_dir), ("model", result.model_dir)):
         if d:
             summary += f"; {name}: {d}"
-    log(summary)
-    return 0
+    return summary
 
 
 if __name__ == "__main__":

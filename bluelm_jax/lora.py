@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bluelm_jax.atomic_dir import atomic_directory
 from bluelm_jax.config import BlueLMConfig
 from bluelm_jax.model import Adapters
 from bluelm_jax.params import param_shapes
@@ -116,16 +117,9 @@ def num_parameters(tree: dict) -> int:
 
 def save(directory: str | os.PathLike, tree: dict, lora: LoraConfig, base_model: str = "") -> None:
     """Writes adapter_config.json and params/ into a new directory `directory` (atomically)."""
-    import shutil
-    import tempfile
-
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(os.fspath(directory))
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-    try:
+    with atomic_directory(directory, force=True) as tmp:
         with ocp.PyTreeCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, "params"), jax.device_get(tree))
         meta = {"format": FORMAT_NAME, "rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
@@ -133,12 +127,6 @@ def save(directory: str | os.PathLike, tree: dict, lora: LoraConfig, base_model:
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
             f.write("\n")
-        if os.path.lexists(directory):
-            shutil.rmtree(directory)
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def is_adapter_dir(directory: str | os.PathLike) -> bool:

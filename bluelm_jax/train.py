@@ -32,8 +32,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -44,6 +42,7 @@ import optax
 
 from bluelm_jax import data as D
 from bluelm_jax import lora as L
+from bluelm_jax.atomic_dir import atomic_directory
 from bluelm_jax.config import BlueLMConfig
 from bluelm_jax.model import forward
 
@@ -226,9 +225,7 @@ def save_model(directory: str, config: BlueLMConfig, tokenizer, params: dict, dt
     from bluelm_jax import checkpoint
 
     directory = os.path.abspath(directory)
-    os.makedirs(os.path.dirname(directory), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=os.path.dirname(directory))
-    try:
+    with atomic_directory(directory, force=True) as tmp:
         name = checkpoint.dtype_name(dtype)
         host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)).astype(jnp.dtype(name)), params)
         checkpoint.save_params(os.path.join(tmp, checkpoint.PARAMS_DIR), host)
@@ -243,12 +240,6 @@ def save_model(directory: str, config: BlueLMConfig, tokenizer, params: dict, dt
         with open(os.path.join(tmp, checkpoint.TOKENIZER_FILE), "wb") as f:
             f.write(tokenizer.serialized_model)
         checkpoint.write_metadata(tmp, name, num_parameters=config.num_parameters(), source_format="bluelm-jax-train")
-        if os.path.lexists(directory):
-            shutil.rmtree(directory)
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

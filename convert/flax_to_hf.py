@@ -21,14 +21,14 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from typing import Any, Iterator, Optional
 
 import ml_dtypes
 import numpy as np
 
+from bluelm_jax.atomic_dir import atomic_directory, refuse_existing
+from bluelm_jax.command_line import run_reporting_errors, use_cpu_quietly
 from bluelm_jax.config import BlueLMConfig
 from bluelm_jax.params import HFTensor, get_path, hf_tensors
 
@@ -134,12 +134,7 @@ def export_params(out_dir: str, params: dict, config: BlueLMConfig, tokenizer_mo
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"unsupported dtype {dtype!r} (choose from {', '.join(EXPORT_DTYPES)})")
     out_dir = os.path.abspath(out_dir)
-    if os.path.lexists(out_dir) and not force:
-        raise ExportError(f"{out_dir}: already exists (use --force to replace it)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    with atomic_directory(out_dir, force, ExportError) as tmp:
         write_weights(tmp, params, config, dtype, max_shard_bytes)
         raw = {**(config_json or {}), **config.to_hf_dict()}
         raw["torch_dtype"] = dtype
@@ -148,17 +143,6 @@ def export_params(out_dir: str, params: dict, config: BlueLMConfig, tokenizer_mo
             f.write("\n")
         with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
             f.write(tokenizer_model)
-        if os.path.lexists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rmdir(old)
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -176,8 +160,7 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, adapter_dir: Optional[str] = 
         raise ExportError(f"{ckpt_dir}: not a converted bluelm-jax checkpoint (no {checkpoint.METADATA_FILE}){hint}")
     if os.path.realpath(ckpt_dir) == os.path.realpath(out_dir):
         raise ExportError(f"{out_dir}: the output must not be the checkpoint directory")
-    if os.path.lexists(out_dir) and not force:
-        raise ExportError(f"{out_dir}: already exists (use --force to replace it)")
+    refuse_existing(out_dir, force, ExportError)
     meta = checkpoint.read_metadata(ckpt_dir)
     config_file = os.path.join(ckpt_dir, checkpoint.CONFIG_FILE)
     config = BlueLMConfig.from_json_file(config_file)
@@ -214,34 +197,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
 
-    import jax
-    from absl import logging as absl_logging
-
     from bluelm_jax import checkpoint
     from bluelm_jax.config import ConfigError
     from bluelm_jax.lora import LoraError
 
-    jax.config.update("jax_platforms", "cpu")  # export never needs an accelerator
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    try:
+    use_cpu_quietly()  # export never needs an accelerator
+
+    def export() -> str:
         out = export_checkpoint(args.ckpt, args.out, args.adapter, args.dtype, parse_size(args.max_shard_size),
                                 args.force)
-    except (ExportError, ConfigError, checkpoint.CheckpointError, LoraError, OSError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - one line, never a traceback
-        print(f"error: internal error ({type(e).__name__}: {_one_line(e)})", file=sys.stderr)
-        return 1
-    print(f"exported {args.ckpt} -> {out}")
-    return 0
+        return f"exported {args.ckpt} -> {out}"
 
-
-def _one_line(e: BaseException) -> str:
-    text = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
-    return " ".join(text.split())
+    return run_reporting_errors(export, (ExportError, ConfigError, checkpoint.CheckpointError, LoraError, OSError))
 
 
 if __name__ == "__main__":

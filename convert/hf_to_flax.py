@@ -20,7 +20,6 @@ import dataclasses
 import os
 import shutil
 import sys
-import tempfile
 import time
 from typing import Any, Iterator, Optional
 
@@ -28,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bluelm_jax import checkpoint
+from bluelm_jax.atomic_dir import atomic_directory, refuse_existing
+from bluelm_jax.command_line import run_reporting_errors, use_cpu_quietly
 from bluelm_jax.config import BlueLMConfig, ConfigError
 from bluelm_jax.params import IGNORED_HF_TENSORS, HFTensor, PathT, flatten, hf_tensors, param_shapes, set_path
 from convert.hf_reader import CheckpointFormatError, HFCheckpoint
@@ -183,8 +184,7 @@ def convert_hf_to_flax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dt
         raise ConversionError(f"{hf_dir}: not a directory")
     if os.path.realpath(hf_dir) == os.path.realpath(out_dir):
         raise ConversionError(f"{out_dir}: the output must not be the Hugging Face directory")
-    if os.path.lexists(out_dir) and not force:
-        raise ConversionError(f"{out_dir}: already exists (use --force to replace it)")
+    refuse_existing(out_dir, force, ConversionError)
     config_file = os.path.join(hf_dir, checkpoint.CONFIG_FILE)
     config = BlueLMConfig.from_json_file(config_file)
     tokenizer_file = os.path.join(hf_dir, checkpoint.TOKENIZER_FILE)
@@ -196,12 +196,9 @@ def convert_hf_to_flax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dt
     specs = leaf_specs(config, dtype)
     total_bytes = sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in specs.values())
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
+    with atomic_directory(out_dir, force, ConversionError) as tmp:
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress,
                   file=sys.stderr) as bar:
             checkpoint.save_params_streaming(os.path.join(tmp, checkpoint.PARAMS_DIR), specs,
@@ -210,35 +207,7 @@ def convert_hf_to_flax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dt
         shutil.copyfile(tokenizer_file, os.path.join(tmp, checkpoint.TOKENIZER_FILE))
         parameters = sum(int(np.prod(t.hf_shape)) for t in expected.values())
         checkpoint.write_metadata(tmp, dtype, num_parameters=parameters, source_format=ckpt.format)
-        _replace(tmp, out_dir)
-    except BaseException:
-        _remove_tree(tmp)
-        raise
     return ConversionSummary(out_dir, len(expected), parameters, total_bytes, dtype, time.perf_counter() - start)
-
-
-def _remove_tree(path: str, attempts: int = 5) -> None:
-    """Removes a directory, retrying in case a writer thread was still finishing a file in it."""
-    for _ in range(attempts):
-        shutil.rmtree(path, ignore_errors=True)
-        if not os.path.lexists(path):
-            return
-        time.sleep(0.2)
-
-
-def _replace(tmp: str, out_dir: str) -> None:
-    """Renames `tmp` to `out_dir`, replacing an existing `out_dir` (already allowed by --force)."""
-    if not os.path.lexists(out_dir):
-        os.rename(tmp, out_dir)
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
-    os.rmdir(old)
-    os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    if os.path.isdir(old) and not os.path.islink(old):
-        shutil.rmtree(old)
-    else:
-        os.remove(old)
 
 
 # ------------------------------------------------------------------ command line
@@ -257,29 +226,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    import jax
-    from absl import logging as absl_logging
-
-    jax.config.update("jax_platforms", "cpu")  # conversion never needs an accelerator
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    try:
-        summary = convert_hf_to_flax(args.hf_dir, args.out, args.dtype, args.force, progress=not args.no_progress)
-    except (ConversionError, CheckpointFormatError, ConfigError, checkpoint.CheckpointError, OSError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - one line, never a traceback
-        print(f"error: internal error ({type(e).__name__}: {_one_line(e)})", file=sys.stderr)
-        return 1
-    print(summary.line())
-    return 0
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
-    return " ".join(text.split())
+    use_cpu_quietly()  # conversion never needs an accelerator
+    known = (ConversionError, CheckpointFormatError, ConfigError, checkpoint.CheckpointError, OSError)
+    return run_reporting_errors(
+        lambda: convert_hf_to_flax(args.hf_dir, args.out, args.dtype, args.force, progress=not args.no_progress).line(),
+        known)
 
 
 if __name__ == "__main__":
