@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 from bluelm_jax import generate as G  # noqa: E402
 from bluelm_jax.config import BlueLMConfig  # noqa: E402
-from bluelm_jax.params import hf_tensors, set_path, unstack_layers  # noqa: E402
+from bluelm_jax.params import unstack_layers  # noqa: E402
 
 SHAPES = {
     # ~58M parameters
@@ -80,17 +80,6 @@ def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
     return nbytes / best
 
 
-def params_from_hf(config, weights) -> dict:
-    tree, stacks = {}, {}
-    for t in hf_tensors(config):
-        w = weights[t.hf_name].T if t.transpose else weights[t.hf_name]
-        if t.layer is None:
-            set_path(tree, t.path, jnp.asarray(np.ascontiguousarray(w)))
-        else:
-            stacks.setdefault(t.path, []).append(w)
-    for path, ws in stacks.items():
-        set_path(tree, path, jnp.asarray(np.stack(ws)))
-    return tree
 
 
 def bytes_per_step(config: BlueLMConfig) -> int:
@@ -161,7 +150,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    from tests.hf_reference import random_hf_weights, reference_model
+    from tests.hf_reference import params_from_hf, random_hf_weights, reference_model
 
     torch.set_num_threads(args.threads)
     bw, read_bw = copy_bandwidth(), read_bandwidth()

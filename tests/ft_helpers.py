@@ -11,9 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bluelm_jax.model import forward
-from bluelm_jax.params import hf_tensors, set_path
 from bluelm_jax.tokenizer import BlueLMTokenizer
-from tests.hf_reference import random_hf_weights
+from tests.hf_reference import params_from_hf, random_hf_weights  # noqa: F401 (re-exported)
 
 QA = [("What is the capital of France?", "The capital of France is Paris."),
       ("你好，今天过得怎么样？", "我很好，谢谢。有什么可以帮你的吗？"),
@@ -21,18 +20,6 @@ QA = [("What is the capital of France?", "The capital of France is Paris."),
       ("北京现在几点了？", "一年有三百六十五天，一天有二十四小时。")]
 
 
-def params_from_hf(config, weights: dict) -> dict:
-    """Our parameter tree from Hugging Face tensors (test-local mapping through hf_tensors)."""
-    tree, stacks = {}, {}
-    for t in hf_tensors(config):
-        w = weights[t.hf_name].T if t.transpose else weights[t.hf_name]
-        if t.layer is None:
-            set_path(tree, t.path, jnp.asarray(w))
-        else:
-            stacks.setdefault(t.path, []).append(w)
-    for path, ws in stacks.items():
-        set_path(tree, path, jnp.asarray(np.stack(ws)))
-    return tree
 
 
 def make_model(config, tokenizer_model: str, seed: int = 0):

@@ -17,7 +17,7 @@ import shutil
 import numpy as np
 
 from bluelm_jax.config import BlueLMConfig
-from bluelm_jax.params import hf_tensors
+from bluelm_jax.params import hf_tensors, set_path
 
 QK_STD = 0.08  # larger than 0.02 so that attention is far from uniform and RoPE errors show
 STD = 0.02
@@ -37,6 +37,22 @@ def random_hf_weights(config: BlueLMConfig, seed: int = 0) -> dict[str, np.ndarr
             w = std * rng.standard_normal(t.hf_shape)
         weights[t.hf_name] = w.astype(np.float32)
     return weights
+
+
+def params_from_hf(config: BlueLMConfig, weights: dict[str, np.ndarray]) -> dict:
+    """Our (stacked) parameter tree from in-memory Hugging Face tensors, through params.hf_tensors."""
+    import jax.numpy as jnp
+
+    tree, stacks = {}, {}
+    for t in hf_tensors(config):
+        w = weights[t.hf_name].T if t.transpose else weights[t.hf_name]
+        if t.layer is None:
+            set_path(tree, t.path, jnp.asarray(np.ascontiguousarray(w)))
+        else:
+            stacks.setdefault(t.path, []).append(w)
+    for path, ws in stacks.items():
+        set_path(tree, path, jnp.asarray(np.stack(ws)))
+    return tree
 
 
 def write_hf_checkpoint(directory: str, config: BlueLMConfig, tokenizer_model: str | None, seed: int = 0,

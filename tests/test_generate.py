@@ -11,27 +11,14 @@ import pytest
 from bluelm_jax import generate as G
 from bluelm_jax.config import preset
 from bluelm_jax.model import forward
-from bluelm_jax.params import hf_tensors, set_path
 from bluelm_jax.tokenizer import BlueLMTokenizer
-from tests.hf_reference import random_hf_weights
+from tests.hf_reference import params_from_hf, random_hf_weights
 
 # the test tokenizer has 600 pieces: an embedding of 640 rows leaves ids 600..639 unusable
 CONFIG = preset("tiny").replace(vocab_size=640)
 assert CONFIG.vocab_size > 600
 
 
-def params_from_hf(config, weights):
-    """Our parameter tree from Hugging Face tensors (a test-local conversion, no disk)."""
-    tree, stacks = {}, {}
-    for t in hf_tensors(config):
-        w = weights[t.hf_name].T if t.transpose else weights[t.hf_name]
-        if t.layer is None:
-            set_path(tree, t.path, jnp.asarray(w))
-        else:
-            stacks.setdefault(t.path, []).append(w)
-    for path, ws in stacks.items():
-        set_path(tree, path, jnp.asarray(np.stack(ws)))
-    return tree
 
 
 def make_model(config, tokenizer_model=None, seed=0):
