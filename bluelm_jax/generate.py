@@ -33,7 +33,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import math
 from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
 
 import jax

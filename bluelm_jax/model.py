@@ -115,9 +115,8 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, config: BlueL
     if cache is None:
         index = jnp.zeros((), jnp.int32)
         start = jnp.zeros((batch,), jnp.int32) if start is None else start
-        num_slots = seq
     else:
-        index, start, num_slots = cache.index, cache.start, cache.max_len
+        index, start = cache.index, cache.start
     q_offset = 0 if cache is None else index  # slot of the first query (static without a cache)
 
     def layer(carry, layer_inputs):

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
@@ -94,7 +93,7 @@ def test_exported_finetuned_model_decodes_like_the_reference(tmp_path, tokenizer
     convert_hf_to_flax(src, tmp_path / "orbax", progress=False)
     model = bluelm_jax.load(tmp_path / "orbax")
     data = write_jsonl(tmp_path / "d.jsonl", qa_records(2))
-    tc = T.TrainConfig(seq_len=64, batch_size=4, learning_rate=3e-2, max_steps=8, warmup_steps=1, data_parallel=1,
+    tc = T.TrainConfig(seq_len=64, batch_size=4, learning_rate=3e-2, max_steps=8, warmup_steps=1, mesh="data=1",
                        lora=L.LoraConfig(rank=4, targets="all"))
     result = T.train(model, data, tc, out_dir=str(tmp_path / "run"), progress=False, log=lambda s: None)
     p = run_export("--ckpt", str(tmp_path / "orbax"), "--adapter", result.adapter_dir, "--out", str(tmp_path / "export"))

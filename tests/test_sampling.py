@@ -1,6 +1,5 @@
 """Logits processors against the transformers library's, and seeded sampling."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

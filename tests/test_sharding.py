@@ -6,7 +6,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from bluelm_jax import checkpoint, sharding
 from bluelm_jax.config import preset
