@@ -48,8 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--remat", action="store_true", help="recompute activations in the backward pass")
     g.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
                    help="dtype of the matrix products (default float32 on CPU, bfloat16 on GPU/TPU)")
-    g.add_argument("--data-parallel", type=int, default=d.data_parallel,
-                   help="devices the batch is split over (default 0: all that divide --batch-size)")
+    g.add_argument("--mesh", default=d.mesh, metavar="SPEC",
+                   help="device mesh, e.g. data=8, data=2,fsdp=4 or fsdp=2,tensor=4 (one size may be -1: the "
+                        "rest): batch rows split over data and fsdp, weights and optimizer state sharded "
+                        "(hidden dim on fsdp, heads/features/vocabulary on tensor); default: data over as "
+                        "many devices as divide --batch-size")
+    g.add_argument("--data-parallel", type=int, default=None, metavar="N", help="shorthand for --mesh data=N")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--save-steps", type=int, default=d.save_steps, help="checkpoint every N steps (0: none)")
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
@@ -77,6 +81,11 @@ def config_from_args(args):
         lora = LoraConfig(args.lora_rank, alpha, args.lora_dropout, args.lora_targets)
     elif args.lora_alpha is not None or args.merge:
         raise ValueError("--lora-alpha and --merge need --lora-rank")
+    mesh = args.mesh
+    if args.data_parallel is not None:
+        if mesh is not None:
+            raise ValueError("give --mesh or --data-parallel, not both")
+        mesh = f"data={args.data_parallel}" if args.data_parallel else None  # 0: the default
     if "{prompt}" not in args.prompt_template:
         raise ValueError("--prompt-template must contain {prompt}")
     fmt = DataFormat(args.prompt_field, args.response_field, args.messages_field, args.prompt_template)
@@ -86,7 +95,7 @@ def config_from_args(args):
         max_steps=args.max_steps, save_steps=args.save_steps, keep_checkpoints=args.keep_checkpoints,
         eval_steps=args.eval_steps, log_steps=args.log_steps, seed=args.seed, remat=args.remat,
         compute_dtype=args.compute_dtype, lora=lora, merge_lora=args.merge, data=fmt,
-        skip_bad_lines=args.skip_bad_lines, data_parallel=args.data_parallel)
+        skip_bad_lines=args.skip_bad_lines, mesh=mesh)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

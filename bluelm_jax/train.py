@@ -1,4 +1,4 @@
-"""Fine-tuning with optax: full or LoRA, data-parallel, checkpointed and resumable.
+"""Fine-tuning with optax: full or LoRA, data-parallel or sharded (FSDP / tensor), checkpointed and resumable.
 
     result = train(model, "train.jsonl", TrainConfig(lora=LoraConfig(rank=8), max_steps=200), out_dir="run")
 
@@ -10,8 +10,18 @@ bfloat16 on GPU/TPU), the loss and norms in float32 (mixed precision). With `rem
 layer's activations are recomputed in the backward pass.
 
 The loss is the mean cross-entropy over the target tokens of a micro-batch (the response
-and its `</s>`; see data.py). The batch is split over `data_parallel` devices of a 1-D
-"data" mesh, parameters and optimizer state replicated.
+and its `</s>`; see data.py).
+
+Devices: training runs on the mesh `TrainConfig.mesh` ("data=8", "data=2,fsdp=4",
+"fsdp=2,tensor=4"; see sharding.py), built on the first devices it needs. The batch rows
+are split over the data and fsdp axes. Full fine-tuning shards the parameters and every
+optimizer-state leaf that mirrors one (Adam moments, accumulated gradients) by
+`sharding.param_shardings` (hidden dim on fsdp, heads/features/vocabulary on tensor); counts
+are replicated. LoRA shards the frozen base the same way and replicates the (small) adapters
+and their optimizer state. The step is jitted with these in/out shardings, so no device
+holds a whole sharded weight; Orbax saves the sharded state and restores it against
+`abstract_state` (ShapeDtypeStructs carrying the NamedShardings). Without `mesh` the batch
+is split over as many devices as divide `batch_size`, everything else replicated.
 
 Output directory:
 
@@ -31,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from typing import Any, Callable, NamedTuple, Optional
@@ -42,9 +53,12 @@ import optax
 
 from bluelm_jax import data as D
 from bluelm_jax import lora as L
+from bluelm_jax import sharding as S
 from bluelm_jax.atomic_dir import atomic_directory
 from bluelm_jax.config import BlueLMConfig
 from bluelm_jax.model import forward
+
+NamedSharding, PS = jax.sharding.NamedSharding, jax.sharding.PartitionSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,14 +87,14 @@ class TrainConfig:
     merge_lora: bool = False  # also write <out>/model with the adapters merged
     data: D.DataFormat = D.DataFormat()
     skip_bad_lines: bool = False
-    data_parallel: int = 0  # devices the batch is split over; 0: as many as divide batch_size
+    mesh: Optional[str] = None  # "data=2,fsdp=4", "fsdp=2,tensor=4" (sharding.py); None: data over all dividing batch_size
 
     def __post_init__(self):
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "keep_checkpoints", "log_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "save_steps", "eval_steps", "data_parallel"):
+        for name in ("warmup_steps", "save_steps", "eval_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -88,6 +102,18 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
+        if self.mesh is not None:
+            sizes = S.parse_mesh(self.mesh)  # MeshError (a ValueError) on a bad description
+            if -1 not in sizes.values():
+                check_batch_split(self.batch_size, sizes)
+
+
+def check_batch_split(batch_size: int, sizes: dict) -> None:
+    """ValueError unless the batch rows divide over the mesh's data x fsdp devices."""
+    rows = math.prod(sizes.get(axis, 1) for axis in S.BATCH)
+    if batch_size % rows:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {rows} batch shards "
+                         f"(data x fsdp) of mesh {S.format_mesh(sizes)}")
 
 
 class TrainState(NamedTuple):
@@ -153,22 +179,90 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     return tx
 
 
-def init_state(model, tc: TrainConfig) -> tuple[TrainState, Any]:
-    """(train state, frozen params) for `model` (an object with .config and .params)."""
+def abstract_state(config: BlueLMConfig, tc: TrainConfig, mesh: jax.sharding.Mesh) -> TrainState:
+    """The train state as ShapeDtypeStructs carrying their NamedShardings: the jit shardings
+    of the step and the target of an Orbax restore. Full fine-tuning: params by
+    sharding.param_shardings; LoRA: adapters replicated. Optimizer state: see mirror_shardings."""
+    replicated = NamedSharding(mesh, PS())
     if tc.lora is None:
-        # a copy: the state is donated to the step, the model's own arrays must survive
-        trained = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), model.params)
-        frozen: Any = {}
+        trained = S.abstract_params(config, mesh, jnp.float32)
     else:
-        trained = L.init(jax.random.fold_in(jax.random.key(tc.seed), 1), model.config, tc.lora)
-        frozen = model.params
-    return TrainState(jnp.zeros((), jnp.int32), trained, make_optimizer(tc).init(trained)), frozen
+        shapes = jax.eval_shape(lambda: L.init(jax.random.key(0), config, tc.lora))
+        trained = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
+    opt_state = mirror_shardings(jax.eval_shape(make_optimizer(tc).init, trained), trained, replicated)
+    return TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), trained, opt_state)
+
+
+def mirror_shardings(opt_state: Any, trained: Any, other: NamedSharding) -> Any:
+    """`opt_state` (ShapeDtypeStructs) with shardings: a leaf that mirrors a trained leaf (same
+    trailing dict keys and shape: Adam mu/nu["layers"]["q_proj"], MultiSteps' accumulated
+    gradients) gets that leaf's sharding; the rest (step counts) `other`."""
+    twins = {_dict_keys(path): x for path, x in jax.tree_util.tree_flatten_with_path(trained)[0]}
+
+    def place(path, x):
+        twin = twins.get(_dict_keys(path))
+        sharding = twin.sharding if twin is not None and twin.shape == x.shape else other
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(place, opt_state)
+
+
+def _dict_keys(path) -> tuple:
+    """The trailing dict keys of a key path: .mu['layers']['q_proj'] -> ("layers", "q_proj")."""
+    keys: list = []
+    for key in reversed(path):
+        if not isinstance(key, jax.tree_util.DictKey):
+            break
+        keys.append(key.key)
+    return tuple(reversed(keys))
+
+
+def shardings_of(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def frozen_shardings(config: BlueLMConfig, tc: TrainConfig, mesh: jax.sharding.Mesh) -> Any:
+    """Full fine-tuning: {} (nothing frozen); LoRA: the base params by sharding.param_shardings."""
+    return {} if tc.lora is None else S.param_shardings(config, mesh)
+
+
+def init_state(model, tc: TrainConfig, mesh: jax.sharding.Mesh) -> TrainState:
+    """A fresh train state for `model` (.config, .params), placed by `abstract_state`."""
+    shardings = shardings_of(abstract_state(model.config, tc, mesh))
+    if tc.lora is None:
+        # placed, then copied (keeping the sharding): the state is donated to the step, the model's
+        # arrays must survive (device_put may hand back the model's own buffer for a shard)
+        trained = jax.tree.map(lambda x, s: jnp.array(jax.device_put(x, s), jnp.float32, copy=True),
+                               model.params, shardings.params)
+    else:
+        trained = jax.device_put(L.init(jax.random.fold_in(jax.random.key(tc.seed), 1), model.config, tc.lora),
+                                 shardings.params)
+    opt_state = jax.jit(make_optimizer(tc).init, out_shardings=shardings.opt_state)(trained)
+    return TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.step), trained, opt_state)
+
+
+def frozen_params(model, tc: TrainConfig, mesh: jax.sharding.Mesh) -> Any:
+    """What the step reads but does not train: {} or (LoRA) the base params, sharded."""
+    return {} if tc.lora is None else S.shard_params(model.params, model.config, mesh)
+
+
+def _on_mesh(fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
+    """`fn` called with `mesh` ambient (the model's activation constraints read it)."""
+
+    @functools.wraps(fn)
+    def call(*args):
+        with S.use(mesh):
+            return fn(*args)
+
+    return call
 
 
 @functools.lru_cache(maxsize=8)
-def make_train_step(config: BlueLMConfig, tc: TrainConfig, compute_dtype) -> Callable:
-    """jitted (state, frozen, batch) -> (state, metrics); the state is donated. Cached: runs with
-    the same settings in one process (resume, notebooks) reuse the compiled step."""
+def make_train_step(config: BlueLMConfig, tc: TrainConfig, compute_dtype, mesh: jax.sharding.Mesh) -> Callable:
+    """jitted (state, frozen, batch) -> (state, metrics) on `mesh`: state in and out as
+    `abstract_state`, frozen as `frozen_shardings`, batch rows split, metrics replicated; the
+    state is donated. Cached: runs with the same settings in one process (resume, notebooks)
+    reuse the compiled step."""
     tx, schedule = make_optimizer(tc), learning_rate_schedule(tc)
     dropout = tc.lora is not None and tc.lora.dropout > 0
 
@@ -182,13 +276,21 @@ def make_train_step(config: BlueLMConfig, tc: TrainConfig, compute_dtype) -> Cal
                    "lr": schedule(state.step // tc.grad_accum)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    state = shardings_of(abstract_state(config, tc, mesh))
+    rows, replicated = batch_sharding(mesh, tc.batch_size), NamedSharding(mesh, PS())
+    return _on_mesh(jax.jit(step, in_shardings=(state, frozen_shardings(config, tc, mesh), rows),
+                            out_shardings=(state, replicated), donate_argnums=(0,)), mesh)
 
 
 @functools.lru_cache(maxsize=8)
-def make_eval_step(config: BlueLMConfig, tc: TrainConfig, compute_dtype) -> Callable:
-    """jitted (trained, frozen, batch) -> (loss, count), no dropout."""
-    return jax.jit(lambda trained, frozen, batch: loss_fn(trained, frozen, batch, None, config, tc, compute_dtype))
+def make_eval_step(config: BlueLMConfig, tc: TrainConfig, compute_dtype, mesh: jax.sharding.Mesh) -> Callable:
+    """jitted (trained, frozen, batch) -> (loss, count) on `mesh`, no dropout."""
+    trained = shardings_of(abstract_state(config, tc, mesh).params)
+    return _on_mesh(jax.jit(lambda trained, frozen, batch: loss_fn(trained, frozen, batch, None, config, tc,
+                                                                  compute_dtype),
+                            in_shardings=(trained, frozen_shardings(config, tc, mesh),
+                                          batch_sharding(mesh, tc.batch_size)),
+                            out_shardings=NamedSharding(mesh, PS())), mesh)
 
 
 def evaluate(eval_step: Callable, trained, frozen, batches: list, put: Callable = lambda b: b) -> float:
@@ -203,15 +305,30 @@ def evaluate(eval_step: Callable, trained, frozen, batches: list, put: Callable 
 # ------------------------------------------------------------------ devices
 
 
-def data_mesh(tc: TrainConfig) -> jax.sharding.Mesh:
-    """A 1-D ("data",) mesh of the devices the batch is split over."""
+def train_mesh(tc: TrainConfig) -> jax.sharding.Mesh:
+    """The mesh of `tc.mesh` over the first devices it needs (one size -1: all devices).
+    None: a 1-D "data" mesh of as many devices as divide batch_size."""
     devices = jax.devices()
-    n = tc.data_parallel or max(d for d in range(1, len(devices) + 1) if tc.batch_size % d == 0)
+    if tc.mesh is None:
+        sizes = {S.DATA: max(d for d in range(1, len(devices) + 1) if tc.batch_size % d == 0)}
+    else:
+        sizes = S.parse_mesh(tc.mesh)
+    n = len(devices) if -1 in sizes.values() else math.prod(sizes.values())
     if n > len(devices):
-        raise ValueError(f"data_parallel {n} needs {n} devices, {len(devices)} present")
-    if tc.batch_size % n:
-        raise ValueError(f"batch_size {tc.batch_size} is not divisible by data_parallel {n}")
-    return jax.sharding.Mesh(np.asarray(devices[:n]), ("data",))
+        raise ValueError(f"mesh {S.format_mesh(sizes)} needs {n} devices, {len(devices)} present")
+    mesh = S.make_mesh(sizes, devices[:n])
+    check_batch_split(tc.batch_size, dict(mesh.shape))
+    return mesh
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, batch_size: int) -> NamedSharding:
+    """[batch, width] arrays: rows over the data and fsdp axes."""
+    return NamedSharding(mesh, S.batch_spec(mesh, batch_size))
+
+
+def put_batch(batch: D.Batch, sharding: NamedSharding) -> D.Batch:
+    """A host batch placed by `sharding`, each device receiving only its rows."""
+    return jax.tree.map(lambda x: S.put(x, sharding), batch)
 
 
 # ------------------------------------------------------------------ saving
@@ -250,10 +367,10 @@ def _checkpoint_manager(out_dir: str, tc: TrainConfig):
     return ocp.CheckpointManager(os.path.join(os.path.abspath(out_dir), "checkpoints"), options=options)
 
 
-def _restore(manager, step: int, state: TrainState) -> tuple[TrainState, D.Position]:
+def _restore(manager, step: int, abstract: TrainState) -> tuple[TrainState, D.Position]:
+    """The state of checkpoint `step`, each array placed by the sharding of its `abstract` leaf."""
     import orbax.checkpoint as ocp
 
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
@@ -294,23 +411,22 @@ def train(model, train_file: str, tc: TrainConfig, out_dir: Optional[str] = None
         log(f"skipped {len(train_ds.skipped)} bad record(s) of {train_file}; first: {train_ds.skipped[0]}")
     compute_dtype = jnp.dtype(tc.compute_dtype) if tc.compute_dtype else _default_compute_dtype()
 
-    mesh = data_mesh(tc)
-    P = jax.sharding.PartitionSpec
-    replicated = jax.sharding.NamedSharding(mesh, P())
-    by_row = jax.sharding.NamedSharding(mesh, P("data"))
-    put = lambda batch: jax.device_put(batch, by_row)  # noqa: E731
-    state, frozen = init_state(model, tc)
-    state, frozen = jax.device_put((state, frozen), replicated)
-    step_fn = make_train_step(config, tc, compute_dtype)
-    eval_fn = make_eval_step(config, tc, compute_dtype)
+    mesh = train_mesh(tc)
+    rows = batch_sharding(mesh, tc.batch_size)
+    put = lambda batch: put_batch(batch, rows)  # noqa: E731
+    frozen = frozen_params(model, tc, mesh)
+    step_fn = make_train_step(config, tc, compute_dtype, mesh)
+    eval_fn = make_eval_step(config, tc, compute_dtype, mesh)
     eval_set = D.eval_batches(eval_ds, tc.batch_size, tc.seq_len, pad) if eval_ds else None
 
     manager = _checkpoint_manager(out_dir, tc) if out_dir and tc.save_steps else None
     position, resumed_from = D.Position(), None
     if manager is not None and resume and manager.latest_step() is not None:
         resumed_from = int(manager.latest_step())
-        state, position = _restore(manager, resumed_from, state)
+        state, position = _restore(manager, resumed_from, abstract_state(config, tc, mesh))
         log(f"resumed from {manager.directory}/{resumed_from} (data epoch {position.epoch}, batch {position.index})")
+    else:
+        state = init_state(model, tc, mesh)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
     log_file = open(os.path.join(out_dir, "train_log.jsonl"), "a", encoding="utf-8") if out_dir else None
@@ -366,7 +482,7 @@ def train(model, train_file: str, tc: TrainConfig, out_dir: Optional[str] = None
             manager.wait_until_finished()
             manager.close()
 
-    trained = jax.device_get(state.params)
+    trained = jax.tree.map(S.to_host, state.params)  # gathers the shards
     model_dir = adapter_dir = None
     if out_dir:
         source = os.path.join(getattr(model, "path", "") or "", "config.json")

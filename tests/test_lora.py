@@ -64,7 +64,7 @@ def test_dropout_only_with_a_key():
 def test_lora_training_moves_only_adapters_and_lowers_loss(model, tmp_path):
     before = jax.tree.map(lambda x: np.array(x, copy=True), model.params)
     data = write_jsonl(tmp_path / "d.jsonl", qa_records(2))
-    tc = T.TrainConfig(seq_len=64, batch_size=4, learning_rate=3e-2, warmup_steps=2, max_steps=25, data_parallel=1,
+    tc = T.TrainConfig(seq_len=64, batch_size=4, learning_rate=3e-2, warmup_steps=2, max_steps=25, mesh="data=1",
                        lora=L.LoraConfig(rank=4, alpha=8.0, dropout=0.05, targets="q,k,v,o,gate,up,down"),
                        merge_lora=True)
     result = T.train(model, data, tc, out_dir=str(tmp_path / "run"), progress=False, log=lambda s: None)

@@ -1,5 +1,7 @@
-"""Training: loss/gradient parity with transformers, convergence, resume, data parallelism, remat, CLI."""
+"""Training: loss/gradient parity with transformers, convergence, resume, data parallelism and sharded
+(FSDP / tensor) meshes, remat, CLI."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -77,16 +79,19 @@ def test_default_size_model_drives_loss_down(tok, tmp_path):
     config = BlueLMConfig(vocab_size=640, **MODEL_SHAPE)
     model = types.SimpleNamespace(config=config, tokenizer=tok, params=init_params(config), path="")
     tc = T.TrainConfig(seq_len=32, batch_size=4, learning_rate=3e-3, warmup_steps=20, max_steps=200,
-                       data_parallel=1, log_steps=1000)
+                       mesh="data=1", log_steps=1000)
     result = T.train(model, train_file, tc, progress=False, log=lambda s: None)
     losses = [h["loss"] for h in result.history]
     assert losses[0] > 5.0 and losses[-1] < 0.05, (losses[0], losses[-1])
 
 
-def test_kill_and_resume_reaches_the_same_parameters(tok, train_file, tmp_path):
-    model = _tiny(tok)
+@pytest.mark.parametrize("spec", ["data=1", "fsdp=2,tensor=4"])
+def test_kill_and_resume_reaches_the_same_parameters(tok, train_file, tmp_path, spec):
+    """Also on a sharded mesh: the checkpoint holds the sharded state and is restored sharded."""
+    config = CONFIG if spec == "data=1" else SHARDED
+    model = _tiny(tok, config)
     tc = T.TrainConfig(seq_len=64, batch_size=2, grad_accum=2, learning_rate=3e-3, warmup_steps=2, max_steps=6,
-                       save_steps=2, keep_checkpoints=2, data_parallel=1, seed=5)
+                       save_steps=2, keep_checkpoints=2, mesh=spec, seed=5)
     whole = T.train(model, train_file, tc, out_dir=str(tmp_path / "a"), progress=False, log=lambda s: None)
 
     class Killed(Exception):
@@ -112,13 +117,127 @@ def test_kill_and_resume_reaches_the_same_parameters(tok, train_file, tmp_path):
 
     loaded = bluelm_jax.load(resumed.model_dir)
     assert tree_equal(loaded.params, resumed.params)
+    # the last checkpoint restores onto the mesh, each device receiving only its shard
+    mesh = T.train_mesh(tc)
+    manager = T._checkpoint_manager(str(tmp_path / "b"), tc)
+    state, position = T._restore(manager, 6, T.abstract_state(config, tc, mesh))
+    manager.close()
+    assert tree_equal(jax.device_get(state.params), resumed.params)
+    _assert_sharded_like_params(state, config, mesh)
 
 
-def _tiny(tok):
+SHARDED = CONFIG.replace(num_attention_heads=4, num_key_value_heads=4)  # 4 heads: split 4 ways on tensor
+MESHES = ["data=2,fsdp=4", "fsdp=2,tensor=4"]
+
+
+def _tiny(tok, config=CONFIG):
     import types
 
-    return types.SimpleNamespace(config=CONFIG, tokenizer=tok, path="",
-                                 params=params_from_hf(CONFIG, random_hf_weights(CONFIG, 1)))
+    return types.SimpleNamespace(config=config, tokenizer=tok, path="",
+                                 params=params_from_hf(config, random_hf_weights(config, 1)))
+
+
+def _sharded_tc(spec):
+    return T.TrainConfig(seq_len=64, batch_size=8, grad_accum=2, max_steps=4, learning_rate=1e-3, warmup_steps=1,
+                         weight_decay=0.01, mesh=spec, log_steps=1000)
+
+
+def _shard_shape(path, mesh):
+    """The per-device block of `path` in SHARDED on `mesh` (hidden 256, 4 heads x 64, MLP 512, vocab 640)."""
+    f, t = mesh.shape.get("fsdp", 1), mesh.shape.get("tensor", 1)
+    return {("embed_tokens",): (640 // t, 256 // f), ("lm_head",): (256 // f, 640 // t),
+            ("layers", "q_proj"): (2, 256 // f, 256 // t), ("layers", "k_proj"): (2, 256 // f, 256 // t),
+            ("layers", "o_proj"): (2, 256 // t, 256 // f), ("layers", "up_proj"): (2, 256 // f, 512 // t),
+            ("layers", "down_proj"): (2, 512 // t, 256 // f), ("norm",): (256,)}[path]
+
+
+def _assert_sharded_like_params(state, config, mesh):
+    """Every param and every optimizer-state leaf that mirrors one (Adam mu/nu, accumulated
+    gradients) is split by sharding.param_spec, each device holding only its block; counts replicated."""
+    from bluelm_jax.params import get_path
+    from bluelm_jax.sharding import param_shardings
+
+    shardings = param_shardings(config, mesh)
+    moments = {"mu": 0, "nu": 0}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
+        name = jax.tree_util.keystr(key_path)
+        if leaf.ndim == 0:
+            assert leaf.sharding.is_fully_replicated, name
+            continue
+        path = tuple(k.key for k in key_path if isinstance(k, jax.tree_util.DictKey))
+        assert leaf.sharding == get_path(shardings, path), name
+        moments.update({m: moments[m] + 1 for m in moments if f".{m}[" in name})
+    assert moments == {"mu": 14, "nu": 14}  # one per parameter
+    for path in [("embed_tokens",), ("lm_head",), ("layers", "q_proj"), ("layers", "k_proj"), ("layers", "o_proj"),
+                 ("layers", "up_proj"), ("layers", "down_proj"), ("norm",)]:
+        leaves = [get_path(state.params, path)] + [
+            leaf for key_path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+            if jax.tree_util.keystr(key_path).endswith("".join(f"['{k}']" for k in path))]
+        assert len(leaves) == 4  # the param, its accumulated gradient, mu and nu
+        for leaf in leaves:
+            assert len(leaf.addressable_shards) == mesh.size
+            assert {s.data.shape for s in leaf.addressable_shards} == {_shard_shape(path, mesh)}, path
+    assert state.step.sharding.is_fully_replicated
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tok, train_file):
+    return T.train(_tiny(tok, SHARDED), train_file, _sharded_tc("data=1"), progress=False, log=lambda s: None)
+
+
+@pytest.mark.parametrize("spec", MESHES)
+def test_sharded_mesh_matches_one_device(tok, train_file, one_device_run, spec):
+    """Batch rows over data x fsdp, weights and Adam state sharded: the loss curve of one device
+    (float32, <= 1e-5 relative) and its final params. Params: within 1% of how far training moved
+    them (Adam's m / sqrt(v) turns a gradient at rounding level, whose last bits depend on the
+    reduction order, into an update of up to lr; plain data=8 differs by as much)."""
+    model = _tiny(tok, SHARDED)
+    run = T.train(model, train_file, _sharded_tc(spec), progress=False, log=lambda s: None)
+    np.testing.assert_allclose([h["loss"] for h in run.history], [h["loss"] for h in one_device_run.history],
+                               rtol=1e-5)
+    moved = max(np.abs(np.asarray(a) - np.asarray(b)).max()
+                for a, b in zip(jax.tree.leaves(one_device_run.params), jax.tree.leaves(model.params)))
+    assert moved > 1e-3
+    for a, b in zip(jax.tree.leaves(run.params), jax.tree.leaves(one_device_run.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=0.01 * moved)
+
+
+@pytest.mark.parametrize("spec", MESHES)
+def test_each_device_holds_only_its_shard(tok, train_file, spec):
+    """After a step (full fine-tuning), params, Adam moments and accumulated gradients are split by
+    the sharding rules; LoRA keeps the frozen base split the same way and the adapters replicated."""
+    from bluelm_jax import lora as L
+    from bluelm_jax.sharding import param_shardings
+
+    model, tc = _tiny(tok, SHARDED), _sharded_tc(spec)
+    mesh = T.train_mesh(tc)
+    batch = D.make_batch(D.load_dataset(train_file, tok, 64).examples[:8], 8, 64, CONFIG.pad_token_id)
+    step = T.make_train_step(SHARDED, tc, jnp.dtype(jnp.float32), mesh)
+    state, metrics = step(T.init_state(model, tc, mesh), {}, T.put_batch(batch, T.batch_sharding(mesh, 8)))
+    assert np.isfinite(float(metrics["loss"]))
+    _assert_sharded_like_params(state, SHARDED, mesh)
+    tokens = T.put_batch(batch, T.batch_sharding(mesh, 8)).inputs
+    assert {s.data.shape for s in tokens.addressable_shards} == {(8 // (mesh.shape.get("data", 1)
+                                                                       * mesh.shape.get("fsdp", 1)), 64)}
+
+    lora_tc = dataclasses.replace(tc, lora=L.LoraConfig(rank=4, targets="all"))
+    frozen = T.frozen_params(model, lora_tc, mesh)
+    assert jax.tree.map(lambda x: x.sharding, frozen) == param_shardings(SHARDED, mesh)
+    state, _ = T.make_train_step(SHARDED, lora_tc, jnp.dtype(jnp.float32), mesh)(
+        T.init_state(model, lora_tc, mesh), frozen, T.put_batch(batch, T.batch_sharding(mesh, 8)))
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves((state.params, state.opt_state)))
+
+
+def test_mesh_setting_is_checked():
+    assert T.TrainConfig(mesh="data=2,fsdp=4").mesh == "data=2,fsdp=4"
+    for bad, message in [("data=3", "not divisible by the 3 batch shards"), ("pipeline=2", "unknown mesh axis"),
+                         ("data", "bad mesh axis")]:
+        with pytest.raises(ValueError, match=message):
+            T.TrainConfig(batch_size=8, mesh=bad)
+    with pytest.raises(ValueError, match="needs 16 devices, 8 present"):
+        T.train_mesh(T.TrainConfig(batch_size=16, mesh="data=16"))
+    assert dict(T.train_mesh(T.TrainConfig(batch_size=4, mesh="fsdp=2,tensor=-1")).shape) == {"fsdp": 2, "tensor": 4}
+    assert dict(T.train_mesh(T.TrainConfig(batch_size=6)).shape) == {"data": 6}  # the most devices dividing 6
 
 
 def test_data_parallel_matches_one_device(tok, train_file):
@@ -126,7 +245,7 @@ def test_data_parallel_matches_one_device(tok, train_file):
     assert len(jax.devices()) == 8
     model = _tiny(tok)
     runs = [T.train(model, train_file, T.TrainConfig(seq_len=64, batch_size=8, max_steps=2, learning_rate=1e-3,
-                                                     data_parallel=n), progress=False, log=lambda s: None)
+                                                     mesh=f"data={n}"), progress=False, log=lambda s: None)
             for n in (1, 8)]
     np.testing.assert_allclose([h["loss"] for h in runs[0].history], [h["loss"] for h in runs[1].history],
                                rtol=1e-5)
@@ -141,7 +260,7 @@ def test_remat_same_gradients_and_eval(tok, train_file, tmp_path):
     for a, b in zip(jax.tree.leaves(g[0]), jax.tree.leaves(g[1])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     r = T.train(_tiny(tok), train_file, T.TrainConfig(seq_len=64, batch_size=4, max_steps=2, eval_steps=1,
-                                                       data_parallel=1, remat=True),
+                                                       mesh="data=1", remat=True),
                 eval_file=train_file, progress=False, log=lambda s: None)
     assert all("eval_loss" in h for h in r.history) and r.eval_loss == r.history[-1]["eval_loss"]
     assert r.history[0]["lr"] == 0.0 and r.history[-1]["tokens_per_s"] > 0
@@ -167,12 +286,29 @@ def test_finetune_command_bad_input_is_one_line(hf_checkpoint, tmp_path, train_f
         (["--model", str(tmp_path / "nomodel"), "--train-file", train_file], "nomodel"),
         (["--model", hf, "--train-file", train_file, "--lora-rank", "4", "--lora-targets", "q,zz"], "unknown LoRA target 'zz'"),
         (["--model", hf, "--train-file", train_file, "--lr", "-1"], "learning_rate must be positive"),
+        (["--model", hf, "--train-file", train_file, "--mesh", "data=3"], "not divisible by the 3 batch shards"),
     ]
     for args, expected in cases:
         p = run_cli(*args, "--out", str(tmp_path / "out"))
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 1 and len(lines) == 1 and expected in lines[0] and lines[0].startswith("error:"), p.stderr
         assert not os.path.exists(tmp_path / "out")
+
+
+def test_finetune_command_mesh_options():
+    """--mesh SPEC, or --data-parallel N as a shorthand for --mesh data=N (0: the default)."""
+    from bluelm_jax.finetune_cli import build_parser, config_from_args
+
+    def parse(*args):
+        return config_from_args(build_parser().parse_args(["--train-file", "t.jsonl", *args]))
+
+    assert parse().mesh is None and parse("--data-parallel", "0").mesh is None
+    assert parse("--data-parallel", "2").mesh == "data=2"
+    assert parse("--mesh", "fsdp=2,tensor=4").mesh == "fsdp=2,tensor=4"
+    with pytest.raises(ValueError, match="not both"):
+        parse("--mesh", "data=2", "--data-parallel", "2")
+    with pytest.raises(ValueError, match="unknown mesh axis 'pipe'"):
+        parse("--mesh", "pipe=2")
 
 
 def test_finetune_command_lora_on_default_model(tmp_path, train_file):

@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     print(f"tokenizer: {tok.vocab_size} pieces; model: {config.num_parameters():,} parameters")
 
     tc = TrainConfig(seq_len=128, batch_size=16, learning_rate=3e-3, warmup_steps=30, min_lr_ratio=0.05,
-                     max_steps=args.steps, log_steps=50, seed=0, data_parallel=1, compute_dtype="float32")
+                     max_steps=args.steps, log_steps=50, seed=0, mesh="data=1", compute_dtype="float32")
     model = types.SimpleNamespace(config=config, tokenizer=tok, params=init_params(config), path="")
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "corpus.jsonl")
