@@ -12,6 +12,7 @@ import numpy as np
 
 from bluelm_jax import checkpoint
 from bluelm_jax.config import BlueLMConfig
+from bluelm_jax.model import forward
 from bluelm_jax.params import flatten, set_path, unstack_layers
 
 TokenIds = Union[Sequence[Sequence[int]], np.ndarray, jax.Array]
@@ -51,11 +52,12 @@ class BlueLM:
         positions = jnp.asarray(positions, jnp.int32)
         if positions.shape != tokens.shape:
             raise ValueError(f"positions must have the shape of the token ids {tokens.shape}, got {positions.shape}")
-        logits, _ = _jit_forward(self.params, tokens, positions, self.config, self.compute_dtype)
+        logits, _ = _forward_jit(self.params, tokens, positions, self.config,
+                                 compute_dtype=jnp.dtype(self.compute_dtype))
         return logits
 
     def __repr__(self) -> str:
-        n = sum(int(np.prod(x.shape)) for _, x in flatten(self.params))
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))  # stacked or per-layer
         return (f"BlueLM({self.path!r}, {n:,} parameters, params {self.param_dtype.name}, "
                 f"compute {jnp.dtype(self.compute_dtype).name})")
 
@@ -74,16 +76,7 @@ def _as_batch(token_ids: TokenIds, pad_id: int) -> jax.Array:
     return jnp.asarray([r + [pad_id] * (width - len(r)) for r in rows], jnp.int32)
 
 
-def _jit_forward(params, tokens, positions, config, compute_dtype):
-    global _FORWARD
-    if _FORWARD is None:
-        from bluelm_jax.model import forward
-
-        _FORWARD = jax.jit(lambda p, t, pos, c, d: forward(p, t, pos, c, compute_dtype=d), static_argnums=(3, 4))
-    return _FORWARD(params, tokens, positions, config, jnp.dtype(compute_dtype))
-
-
-_FORWARD = None
+_forward_jit = jax.jit(forward, static_argnames=("config", "compute_dtype"))
 
 
 def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,

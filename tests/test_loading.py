@@ -178,3 +178,9 @@ def test_per_layer_load_gives_the_same_logits(dirs, which):
     assert isinstance(per_layer.params["layers"], list) and len(per_layer.params["layers"]) == CONFIG.num_hidden_layers
     ids = [stacked.tokenizer.encode("BlueLM runs in JAX. 你好")]
     np.testing.assert_allclose(np.asarray(per_layer.logits(ids)), np.asarray(stacked.logits(ids)), atol=1e-5)
+
+
+def test_repr_counts_parameters_in_either_layout(dirs):
+    expected = f"{CONFIG.num_parameters():,} parameters"
+    assert expected in repr(bluelm_jax.load(dirs[1]))
+    assert expected in repr(bluelm_jax.load(dirs[1], per_layer=True))
