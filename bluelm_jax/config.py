@@ -1,7 +1,8 @@
 """The one configuration dataclass, built from a BlueLM `config.json`.
 
-Defaults are those of BlueLM-7B (see ../shared/BLUELM.md); unknown keys in a config
-file are tolerated, missing ones take the defaults.
+Defaults are those of BlueLM-7B. In a config file, the fields that fix the parameter
+shapes (REQUIRED_FIELDS) must be present; the others (eps, RoPE base, special token ids,
+...) take their documented defaults when absent, and unknown keys are tolerated.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Any, Optional
 SUPPORTED_ARCHITECTURES = ("BlueLMForCausalLM", "LlamaForCausalLM")
 SUPPORTED_MODEL_TYPES = ("BlueLM", "bluelm", "llama")
 ROPE_TYPES = ("ntkmixed", "linear")
+# Fields that fix the parameter shapes: a config.json without one of them is refused, since a
+# silent 7B default would only show up later as "missing or mis-shaped tensors".
+REQUIRED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 
 
 class ConfigError(ValueError):
@@ -104,6 +108,9 @@ class BlueLMConfig:
         if act != "silu":
             raise ConfigError(f"{where}: hidden_act {act!r} is not supported (BlueLM uses 'silu')")
 
+        missing = [name for name in REQUIRED_FIELDS if raw.get(name) is None]
+        if missing:
+            raise ConfigError(f"{where}: required field(s) missing: {', '.join(missing)}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for name, field in fields.items():
