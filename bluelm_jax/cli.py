@@ -210,6 +210,10 @@ def _generate(gen, model, prompt, args, show: bool) -> int:
             sys.stdout.flush()
     if show:
         sys.stdout.write("\n")
+        used, context = len(s.prompt_ids) + len(s.ids), model.config.context_length
+        if s.finish_reason == "length" and used >= context:
+            print(f"(stopped: the context of {context} tokens is full: {len(s.prompt_ids)} prompt + "
+                  f"{len(s.ids)} generated)", file=sys.stderr)
     return 0
 
 

@@ -363,7 +363,8 @@ def _plan(model, prompts, *, max_new_tokens, temperature, top_p, top_k, repetiti
     batch = len(prompt_ids)
     padded_batch = 1 << (batch - 1).bit_length()
     bucket = bucket_length(max(lengths))
-    width = _round_up(int(max_new_tokens), NEW_TOKENS_QUANTUM)
+    # the output buffer and the cache tail hold what the context allows, not max_new_tokens
+    width = _round_up(max(limits), NEW_TOKENS_QUANTUM)
     cache_len = bucket + width
     pad = config.pad_token_id
     tokens = np.full((padded_batch, bucket), pad, np.int32)

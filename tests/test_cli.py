@@ -102,3 +102,15 @@ def test_help():
     for flag in ("--model", "--prompt", "--chat", "--max-new-tokens", "--temperature", "--top-p", "--top-k",
                  "--repetition-penalty", "--seed", "--json"):
         assert flag in p.stdout
+
+
+def test_generate_says_when_the_context_is_full(tmp_path, tokenizer_model):
+    """Plain (non-JSON) generate reports on stderr that the output stopped at the end of the context."""
+    small = write_hf_checkpoint(str(tmp_path / "hf"), CONFIG.replace(max_position_embeddings=48), tokenizer_model,
+                                seed=1)
+    p = run("generate", "--model", small, "--prompt", "Hello, how are you", "--max-new-tokens", "1000000")
+    assert p.returncode == 0, p.stderr
+    n_prompt = len(bluelm_jax.load(small).tokenizer.encode("Hello, how are you"))
+    assert p.stderr == f"(stopped: the context of 48 tokens is full: {n_prompt} prompt + {48 - n_prompt} generated)\n"
+    short = run("generate", "--model", small, "--prompt", "Hello, how are you", "--max-new-tokens", "3")
+    assert short.returncode == 0 and short.stderr == ""

@@ -209,6 +209,20 @@ def test_context_overflow(tokenizer_model):
     assert G.generate(big, ids, max_new_tokens=5).ids == r.ids
 
 
+def test_buffers_are_capped_by_the_context(tokenizer_model):
+    """A huge max_new_tokens costs no more memory than what the context can hold."""
+    small = CONFIG.replace(max_position_embeddings=64)
+    m = make_model(small, tokenizer_model)
+    ids = list(np.random.default_rng(1).integers(4, 600, 20))
+    plan = G._plan(m, ids, max_new_tokens=10**9, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                   seed=0, stop=None, chat=False, add_bos=True)
+    assert plan.limit[0] == 64 - 20
+    assert plan.width == 64 and plan.cache_len == 32 + 64  # 44 new tokens, rounded up to the quantum
+    r = G.generate(m, ids, max_new_tokens=100_000)
+    assert len(r.ids[0]) == 44 and r.finish_reasons == ["length"]
+    assert r.ids == G.generate(m, ids, max_new_tokens=44).ids
+
+
 def test_bad_arguments(model):
     for kw, match in [
         (dict(max_new_tokens=0), "max_new_tokens"),
