@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import sys
 from typing import Iterable, Optional, Sequence, Union
 
 import jax
@@ -109,7 +110,9 @@ def make_mesh(spec: Union[None, str, dict] = None, devices: Optional[Sequence] =
     """A mesh over `devices` (default: all) from "data=2,tensor=4", a dict, or None (the default).
 
     Axes are kept in the order data, fsdp, tensor (tensor innermost: neighbouring devices,
-    within a host). Every device must be used.
+    within a host). A mesh smaller than the devices given takes the first ones it needs and
+    says so in one line on stderr (in one process only: across processes every device must
+    take part).
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
@@ -122,8 +125,15 @@ def make_mesh(spec: Union[None, str, dict] = None, devices: Optional[Sequence] =
         if n % known:
             raise MeshError(f"mesh {format_mesh(sizes)}: {n} devices are not a multiple of {known}")
         sizes = {k: (n // known if s == -1 else s) for k, s in sizes.items()}
-    if math.prod(sizes.values()) != n:
-        raise MeshError(f"mesh {format_mesh(sizes)} needs {math.prod(sizes.values())} devices, {n} present")
+    needed = math.prod(sizes.values())
+    if needed > n:
+        raise MeshError(f"mesh {format_mesh(sizes)} needs {needed} devices, {n} present")
+    if needed < n:
+        if jax.process_count() > 1:
+            raise MeshError(f"mesh {format_mesh(sizes)} uses {needed} of {n} devices; with several processes "
+                            f"a mesh must use every device")
+        print(f"note: mesh {format_mesh(sizes)} uses the first {needed} of the {n} devices", file=sys.stderr)
+        devices = devices[:needed]
     names = tuple(a for a in AXES if a in sizes)
     shape = tuple(sizes[a] for a in names)
     types = (jax.sharding.AxisType.Auto,) * len(names)

@@ -306,17 +306,14 @@ def evaluate(eval_step: Callable, trained, frozen, batches: list, put: Callable 
 
 
 def train_mesh(tc: TrainConfig) -> jax.sharding.Mesh:
-    """The mesh of `tc.mesh` over the first devices it needs (one size -1: all devices).
+    """The mesh of `tc.mesh` (`sharding.make_mesh`: the first devices it needs, with a notice).
     None: a 1-D "data" mesh of as many devices as divide batch_size."""
-    devices = jax.devices()
     if tc.mesh is None:
-        sizes = {S.DATA: max(d for d in range(1, len(devices) + 1) if tc.batch_size % d == 0)}
+        devices = jax.devices()
+        n = max(d for d in range(1, len(devices) + 1) if tc.batch_size % d == 0)
+        mesh = S.make_mesh({S.DATA: n}, devices[:n])
     else:
-        sizes = S.parse_mesh(tc.mesh)
-    n = len(devices) if -1 in sizes.values() else math.prod(sizes.values())
-    if n > len(devices):
-        raise ValueError(f"mesh {S.format_mesh(sizes)} needs {n} devices, {len(devices)} present")
-    mesh = S.make_mesh(sizes, devices[:n])
+        mesh = S.make_mesh(tc.mesh)
     check_batch_split(tc.batch_size, dict(mesh.shape))
     return mesh
 

@@ -33,11 +33,14 @@ def run(*args, stdin=None, timeout=120):
                           text=True, encoding="utf-8", cwd=ROOT, env=env, timeout=timeout)
 
 
-@pytest.mark.parametrize("mesh", [[], ["--mesh", "data=2,tensor=4"]])  # 8 simulated CPU devices (conftest)
+# 8 simulated CPU devices (conftest); a mesh of 4 takes the first 4 devices, with a notice
+@pytest.mark.parametrize("mesh", [[], ["--mesh", "data=2,tensor=4"], ["--mesh", "data=1,tensor=4"]])
 def test_generate_json_matches_the_python_api(checkpoint, model, mesh):
     p = run("generate", "--model", checkpoint, "--prompt", "Hello, how are you", "--max-new-tokens", "12", "--json",
             *mesh)
     assert p.returncode == 0, p.stderr
+    notice = "note: mesh data=1,tensor=4 uses the first 4 of the 8 devices\n" if "data=1,tensor=4" in mesh else ""
+    assert p.stderr == notice
     out = json.loads(p.stdout)
     r = G.generate(model, "Hello, how are you", max_new_tokens=12)
     assert out == {"text": r.texts[0], "ids": r.ids[0], "finish_reason": "length", "prompt_ids": r.prompt_ids[0]}

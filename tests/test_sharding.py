@@ -46,6 +46,18 @@ def test_parse_and_make_mesh():
                      ("data=-1,tensor=-1", "at most one"), ("data=3,tensor=-1", "not a multiple")]:
         with pytest.raises(sharding.MeshError, match=why):
             sharding.make_mesh(bad)
+
+
+def test_a_smaller_mesh_uses_the_first_devices(capsys):
+    mesh = sharding.make_mesh("data=1,tensor=4")
+    assert dict(mesh.shape) == {"data": 1, "tensor": 4}
+    assert list(mesh.devices.flat) == jax.devices()[:4]
+    assert capsys.readouterr().err == "note: mesh data=1,tensor=4 uses the first 4 of the 8 devices\n"
+    sharding.make_mesh("data=2,tensor=4")
+    assert capsys.readouterr().err == ""  # all devices: nothing to say
+
+
+def test_default_mesh():
     # the default: tensor parallel over as many devices as the KV heads allow, data over the rest
     assert dict(sharding.make_mesh(config=CONFIG).shape) == {"data": 2, "tensor": 4}
     assert dict(sharding.make_mesh(config=preset("bluelm-7b-chat")).shape) == {"data": 1, "tensor": 8}
