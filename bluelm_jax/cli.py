@@ -89,8 +89,9 @@ def _seed(text: str) -> int:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="PATH",
-                   help="a converted bluelm-jax (Orbax) directory or a Hugging Face BlueLM directory "
-                        "(default: the small demonstration model bundled with the package)")
+                   help="a converted bluelm-jax (Orbax) directory, a Hugging Face BlueLM directory, or a Hub "
+                        "repo id such as vivo-ai/BlueLM-7B-Chat (default: the small demonstration model "
+                        "bundled with the package)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="parameter and compute dtype (default: float32 on CPU, bfloat16 compute on GPU/TPU)")
     p.add_argument("--mesh", default=None, metavar="SPEC",

@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bluelm_jax finetune",
         description="Fine-tune a BlueLM model (full or LoRA) with optax on prompt/response or chat-message data "
                     "(JSON lines or a JSON array); writes checkpoints, a log and the result to --out.")
-    p.add_argument("--model", default=None, help="converted bluelm-jax dir or Hugging Face dir (default: the "
-                                                 "bundled default model)")
+    p.add_argument("--model", default=None, help="converted bluelm-jax dir, Hugging Face dir or Hub repo id "
+                                                 "(default: the bundled default model)")
     p.add_argument("--train-file", required=True, help="training data (.jsonl or .json)")
     p.add_argument("--eval-file", default=None, help="held-out data: its loss is reported")
     p.add_argument("--out", default="finetune-out", help="output directory (default finetune-out)")
@@ -126,6 +126,9 @@ def _run(args, out: str) -> str:
         from bluelm_jax import default_model
 
         args.model = default_model.path()
+    from bluelm_jax import hub
+
+    args.model = hub.resolve(args.model)  # a Hub repo id -> its cached snapshot
     if not os.path.isdir(args.model):
         raise ValueError(f"{args.model}: no such model directory")
     model = bluelm_jax.load(args.model)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bluelm_jax import checkpoint
+from bluelm_jax import checkpoint, hub
 from bluelm_jax.config import BlueLMConfig
 from bluelm_jax.model import forward
 from bluelm_jax.params import flatten, set_path, unstack_layers
@@ -81,7 +81,8 @@ _forward_jit = jax.jit(forward, static_argnames=("config", "compute_dtype"))
 
 def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
          shardings: checkpoint.Shardings = None, mesh: Any = None, per_layer: bool = False) -> BlueLM:
-    """Loads a converted bluelm-jax directory, or a Hugging Face directory (converted in memory).
+    """Loads a converted bluelm-jax directory, or a Hugging Face directory (converted in memory),
+    or a Hugging Face Hub repo id such as "vivo-ai/BlueLM-7B-Chat" (`hub.resolve`).
 
     dtype: parameter dtype (default: as converted; for a Hugging Face dir, bfloat16 or float32
     as stored). compute_dtype: default float32 on CPU, bfloat16 on GPU/TPU. shardings: None
@@ -92,7 +93,7 @@ def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
     fastest layout for inference on one device; training, sharding and export need the
     default stacked layout.
     """
-    path = os.fspath(path)
+    path = hub.resolve(path)
     if not os.path.isdir(path):
         raise checkpoint.CheckpointError(f"{path}: not a directory")
     config = BlueLMConfig.from_json_file(os.path.join(path, checkpoint.CONFIG_FILE))

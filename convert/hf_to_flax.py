@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from bluelm_jax import checkpoint
+from bluelm_jax import checkpoint, hub
 from bluelm_jax.atomic_dir import atomic_directory, refuse_existing
 from bluelm_jax.command_line import run_reporting_errors, use_cpu_quietly
 from bluelm_jax.config import BlueLMConfig, ConfigError
@@ -179,7 +179,7 @@ def convert_hf_to_flax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dt
                        force: bool = False, progress: bool = True) -> ConversionSummary:
     """Converts `hf_dir` into a new bluelm-jax directory `out_dir`, atomically; raises on bad input."""
     start = time.perf_counter()
-    hf_dir, out_dir = os.path.abspath(hf_dir), os.path.abspath(out_dir)
+    hf_dir, out_dir = os.path.abspath(hub.resolve(hf_dir)), os.path.abspath(out_dir)
     if not os.path.isdir(hf_dir):
         raise ConversionError(f"{hf_dir}: not a directory")
     if os.path.realpath(hf_dir) == os.path.realpath(out_dir):
@@ -218,7 +218,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         prog="python -m convert.hf_to_flax",
         description="Convert a Hugging Face BlueLM checkpoint (safetensors or pytorch_model*.bin) into a "
                     "bluelm-jax Orbax directory, streaming one tensor at a time.")
-    parser.add_argument("--hf-dir", required=True, help="Hugging Face directory: config.json, weights, tokenizer.model")
+    parser.add_argument("--hf-dir", required=True,
+                        help="Hugging Face directory (config.json, weights, tokenizer.model), or a Hub repo id "
+                             "such as vivo-ai/BlueLM-7B-Chat (fetched into the Hugging Face cache)")
     parser.add_argument("--out", required=True, help="output directory (created atomically)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
                         help="parameter dtype (default auto: bfloat16 or float32 as stored; float16 -> float32)")
@@ -227,7 +229,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     use_cpu_quietly()  # conversion never needs an accelerator
-    known = (ConversionError, CheckpointFormatError, ConfigError, checkpoint.CheckpointError, OSError)
+    known = (ConversionError, CheckpointFormatError, ConfigError, checkpoint.CheckpointError, hub.HubError, OSError)
     return run_reporting_errors(
         lambda: convert_hf_to_flax(args.hf_dir, args.out, args.dtype, args.force, progress=not args.no_progress).line(),
         known)
