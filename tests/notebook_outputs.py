@@ -112,7 +112,8 @@ def stale_cells(committed: nbformat.NotebookNode, executed: nbformat.NotebookNod
         return ["the code cells differ from the executed notebook's"]
     problems = []
     for number, (old, new) in enumerate(zip(committed_code, executed_code), start=1):
-        where = f"code cell {number} ({old.source.splitlines()[0] if old.source else 'empty'!s:.50})"
+        first_line = (old.source.splitlines() or ["(empty)"])[0]
+        where = f"code cell {number} ({first_line[:50]})"
         if old.execution_count is None:
             problems.append(f"{where}: not executed in the committed notebook")
         elif compared_text(old) != compared_text(new):
