@@ -1,9 +1,13 @@
 """Save and restore the parameter tree with Orbax, in the layout of a converted directory.
 
-    <dir>/params/           Orbax PyTree checkpoint (OCDBT + zarr), leaves as in params.py
+    <dir>/params/           Orbax PyTree checkpoint (OCDBT + zarr), leaves as in params.py:
+                            the module paths (model.layers.3.self_attn.q_proj.kernel)
     <dir>/config.json       the Hugging Face config.json
     <dir>/tokenizer.model   the SentencePiece model
-    <dir>/bluelm_jax.json   {"format": "bluelm-jax", "layout_version": 1, "param_dtype": ...}
+    <dir>/bluelm_jax.json   {"format": "bluelm-jax", "layout_version": 2, "param_dtype": ...}
+
+Layout version 2 is the per-layer module tree; version 1 (layers stacked on a leading axis)
+is refused with one line that says to convert the checkpoint again.
 
 Restoring always goes against an abstract tree of `jax.ShapeDtypeStruct`s that carry a
 sharding, so that with a mesh's NamedShardings every device reads only its own shard.
@@ -27,10 +31,10 @@ import tensorstore as ts
 from orbax.checkpoint import type_handlers
 
 from bluelm_jax.config import BlueLMConfig
-from bluelm_jax.params import PathT, flatten, get_path, param_shapes, set_path
+from bluelm_jax.params import PathT, flatten, get_path, param_shapes, path_name, set_path
 
 FORMAT_NAME = "bluelm-jax"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: one leaf per layer and weight, at its module path (1: stacked layers)
 METADATA_FILE = "bluelm_jax.json"
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -106,7 +110,8 @@ def _leaf_sharding(shardings: Shardings, path: PathT) -> jax.sharding.Sharding:
 
 
 def abstract_params(config: BlueLMConfig, dtype: Any, shardings: Shardings = None) -> dict:
-    """The parameter tree as jax.ShapeDtypeStructs with shardings.
+    """The parameter tree as jax.ShapeDtypeStructs with shardings (the one abstract tree: the
+    target of every restore, and the jit shardings of training).
 
     shardings: None (first device), one Sharding for every leaf, or a tree of Shardings
     shaped like the parameters (e.g. NamedShardings of a mesh).
@@ -127,19 +132,18 @@ def _check_stored_shapes(params_dir: str, config: BlueLMConfig) -> None:
         stored = ocp.PyTreeCheckpointer().metadata(params_dir).item_metadata.tree
     except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged directory
         raise CheckpointError(f"{params_dir}: cannot read the Orbax checkpoint ({type(e).__name__}: {e})") from None
-    expected = dict(flatten(param_shapes(config)))
+    expected = {path_name(path): shape for path, shape in flatten(param_shapes(config))}
     got = {}
-    for path, leaf in flatten(_as_dict(stored)):
-        got[path] = tuple(getattr(leaf, "shape", ()))
-    for path in sorted(set(expected) | set(got)):
-        name = "/".join(path)
-        if path not in got:
+    for path, leaf in flatten(_as_dict(stored)):  # Orbax's metadata names layers "0", "1", ...
+        got[path_name(path)] = tuple(getattr(leaf, "shape", ()))
+    for name in sorted(set(expected) | set(got)):
+        if name not in got:
             raise CheckpointError(f"{params_dir}: parameter {name} missing")
-        if path not in expected:
+        if name not in expected:
             raise CheckpointError(f"{params_dir}: unexpected parameter {name}")
-        if got[path] != expected[path]:
+        if got[name] != expected[name]:
             raise CheckpointError(
-                f"{params_dir}: parameter {name} has shape {got[path]}, config.json implies {expected[path]}")
+                f"{params_dir}: parameter {name} has shape {got[name]}, config.json implies {expected[name]}")
 
 
 def _as_dict(tree: Any) -> Any:

@@ -160,8 +160,6 @@ def _load(args):
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
     if mesh is not None:
         kwargs["mesh"] = mesh
-    else:
-        kwargs["per_layer"] = True  # one device: the fastest decode layout
     if args.model is None:
         from bluelm_jax import default_model
 

@@ -12,8 +12,8 @@ import numpy as np
 
 from bluelm_jax import checkpoint, hub
 from bluelm_jax.config import BlueLMConfig
-from bluelm_jax.model import forward
-from bluelm_jax.params import flatten, set_path, unstack_layers
+from bluelm_jax.model import BlueLMForCausalLM, build, forward
+from bluelm_jax.params import flatten, get_path, set_path
 
 TokenIds = Union[Sequence[Sequence[int]], np.ndarray, jax.Array]
 
@@ -25,7 +25,10 @@ def default_compute_dtype() -> jnp.dtype:
 
 @dataclasses.dataclass
 class BlueLM:
-    """A loaded model: config, tokenizer, parameters, and the dtype its products run in."""
+    """A loaded model: config, tokenizer, parameters, and the dtype its products run in.
+
+    `params` is the state of the module tree as a plain dict (see params.py); `module` is
+    the Flax NNX module holding those same arrays: `model.module.model.layers[3].self_attn.q_proj`."""
 
     config: BlueLMConfig
     tokenizer: Any  # bluelm_jax.tokenizer.BlueLMTokenizer
@@ -36,7 +39,12 @@ class BlueLM:
 
     @property
     def param_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.params["embed_tokens"].dtype)
+        return jnp.dtype(self.params["model"]["embed_tokens"]["embedding"].dtype)
+
+    @property
+    def module(self) -> BlueLMForCausalLM:
+        """The BlueLMForCausalLM module tree over `params` (built on each access; no copy)."""
+        return build(self.config, self.params, self.compute_dtype)
 
     def logits(self, token_ids: TokenIds, positions: Optional[Any] = None) -> jax.Array:
         """Float32 logits [batch, seq, vocab] of a batch of token id lists (right-padded) or an int array.
@@ -57,7 +65,7 @@ class BlueLM:
         return logits
 
     def __repr__(self) -> str:
-        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))  # stacked or per-layer
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
         return (f"BlueLM({self.path!r}, {n:,} parameters, params {self.param_dtype.name}, "
                 f"compute {jnp.dtype(self.compute_dtype).name})")
 
@@ -80,7 +88,7 @@ _forward_jit = jax.jit(forward, static_argnames=("config", "compute_dtype"))
 
 
 def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
-         shardings: checkpoint.Shardings = None, mesh: Any = None, per_layer: bool = False) -> BlueLM:
+         shardings: checkpoint.Shardings = None, mesh: Any = None) -> BlueLM:
     """Loads a converted bluelm-jax directory, or a Hugging Face directory (converted in memory),
     or a Hugging Face Hub repo id such as "vivo-ai/BlueLM-7B-Chat" (`hub.resolve`).
 
@@ -89,9 +97,6 @@ def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
     (first device), one Sharding, or a tree of Shardings shaped like the parameters.
     mesh: a jax.sharding.Mesh (e.g. `sharding.make_mesh("data=2,tensor=4")`): the parameters are
     restored straight into the shards of `sharding.param_spec` (replaces `shardings`).
-    per_layer: hold the layers as a list of per-layer weights (`params.unstack_layers`), the
-    fastest layout for inference on one device; training, sharding and export need the
-    default stacked layout.
     """
     path = hub.resolve(path)
     if not os.path.isdir(path):
@@ -111,8 +116,6 @@ def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
         params = checkpoint.restore_params(path, config, dtype, shardings)
     else:
         params = _load_hf(path, config, dtype, shardings)
-    if per_layer:
-        params = unstack_layers(params)
     compute = jnp.dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype()
     return BlueLM(config, tokenizer, params, compute, path, mesh)
 
@@ -122,11 +125,9 @@ def _load_hf(path: str, config: BlueLMConfig, dtype: Any, shardings: checkpoint.
     from convert.hf_to_flax import load_hf_params
 
     host = load_hf_params(path, config, None if dtype is None else checkpoint.dtype_name(dtype))
-    abstract = checkpoint.abstract_params(config, host["embed_tokens"].dtype, shardings)
+    abstract = checkpoint.abstract_params(config, host["model"]["embed_tokens"]["embedding"].dtype, shardings)
     params: dict = {}
     for leaf_path, target in list(flatten(abstract)):
-        parent = host
-        for key in leaf_path[:-1]:
-            parent = parent[key]
+        parent = get_path(host, leaf_path[:-1])
         set_path(params, leaf_path, jax.device_put(parent.pop(leaf_path[-1]), target.sharding))
     return params

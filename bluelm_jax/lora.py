@@ -26,11 +26,10 @@ import numpy as np
 from bluelm_jax.atomic_dir import atomic_directory
 from bluelm_jax.config import BlueLMConfig
 from bluelm_jax.model import Adapters
-from bluelm_jax.params import param_shapes
+from bluelm_jax.params import LAYER_PROJECTIONS, LAYERS, get_path, set_path, shape_of
 
-TARGET_ALIASES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-                  "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-PROJECTIONS = tuple(TARGET_ALIASES.values())
+PROJECTIONS = tuple(LAYER_PROJECTIONS)  # q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
+TARGET_ALIASES = {name.removesuffix("_proj"): name for name in PROJECTIONS}
 ADAPTER_CONFIG = "adapter_config.json"
 FORMAT_NAME = "bluelm-jax-lora"
 
@@ -80,10 +79,10 @@ class LoraConfig:
 
 def init(key: jax.Array, config: BlueLMConfig, lora: LoraConfig, dtype=jnp.float32) -> dict:
     """Fresh adapters: A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's Kaiming-uniform), B = 0."""
-    shapes = param_shapes(config)["layers"]
+    layers = config.num_hidden_layers
     a, b = {}, {}
     for i, name in enumerate(lora.targets):
-        layers, d_in, d_out = shapes[name]
+        d_in, d_out = shape_of(LAYER_PROJECTIONS[name], config)
         bound = 1.0 / math.sqrt(d_in)
         a[name] = jax.random.uniform(jax.random.fold_in(key, i), (layers, d_in, lora.rank), dtype, -bound, bound)
         b[name] = jnp.zeros((layers, lora.rank, d_out), dtype)
@@ -98,14 +97,18 @@ def as_adapters(tree: dict, lora: LoraConfig, dropout_key: Optional[jax.Array] =
 
 
 def merge(params: dict, tree: dict, lora: LoraConfig) -> dict:
-    """Base params with W <- W + scale * A B on each target (in float32, cast back to W's dtype)."""
-    layers = dict(params["layers"])
+    """Base params with W <- W + scale * A B on each target (in float32, cast back to W's dtype).
+
+    Returns a new tree; the arrays of untouched weights are shared with `params`."""
+    merged = jax.tree.map(lambda x: x, params)  # new dicts, same arrays
     for name in tree["a"]:
-        w = layers[name]
-        delta = jnp.einsum("lir,lro->lio", tree["a"][name].astype(jnp.float32), tree["b"][name].astype(jnp.float32),
-                           precision=jax.lax.Precision.HIGHEST)
-        layers[name] = (w.astype(jnp.float32) + lora.scale * delta).astype(w.dtype)
-    return {**params, "layers": layers}
+        path = LAYER_PROJECTIONS[name].path
+        for i in range(tree["a"][name].shape[0]):
+            w = get_path(params, (*LAYERS, i, *path))
+            delta = jnp.matmul(tree["a"][name][i].astype(jnp.float32), tree["b"][name][i].astype(jnp.float32),
+                               precision=jax.lax.Precision.HIGHEST)
+            set_path(merged, (*LAYERS, i, *path), (w.astype(jnp.float32) + lora.scale * delta).astype(w.dtype))
+    return merged
 
 
 def num_parameters(tree: dict) -> int:

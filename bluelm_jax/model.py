@@ -1,30 +1,51 @@
-"""The BlueLM network as a pure function of (params, tokens, positions, cache).
+"""The BlueLM network as a Flax NNX module tree named like the PyTorch model.
 
-BlueLM is LLaMA plus a LayerNorm on the token embeddings. Layers are stacked on a leading
-axis of every per-layer weight (see params.py) and run with `lax.scan`, so the compiled
-program has one layer body whatever the depth. Norms, softmax and logits are float32;
-matrix products run in `compute_dtype` (float32 on CPU, bfloat16 on GPU/TPU).
+    BlueLMForCausalLM
+      model: BlueLMModel
+        embed_tokens: nnx.Embed              [vocab, hidden]
+        embed_layer_norm: LayerNorm          (BlueLM's "stable embedding"; when configured)
+        layers[i]: DecoderLayer
+          input_layernorm: RMSNorm
+          self_attn: Attention               q_proj, k_proj, v_proj, o_proj: nnx.Linear (no bias)
+          post_attention_layernorm: RMSNorm
+          mlp: MLP                           gate_proj, up_proj, down_proj: nnx.Linear (no bias)
+        norm: RMSNorm
+      lm_head: nnx.Linear                    [hidden, vocab]
 
-`params["layers"]` may also be a list of per-layer dicts (`params.unstack_layers`): the
-layers are then unrolled, each weight its own buffer. That is the fastest layout for
-decoding on CPU, where XLA copies a layer's slice out of a stacked weight at every step.
+BlueLM is LLaMA plus a LayerNorm on the token embeddings. Every weight is declared in
+params.py's table, which gives its shape and its logical axes; the axes are the weight's
+`out_sharding` metadata, so `nnx.get_partition_spec(state)` and sharding.RULES give its
+PartitionSpec. The numerics are pure functions (`rms_norm`, `layer_norm`, rope.py,
+attention.py) that the modules call. Every projection is one `nnx.Linear` whose product is
+`projection_product`. Norms, softmax and logits are float32; products run in the compute
+dtype the tree was built with (float32 on CPU, bfloat16 on GPU/TPU).
 
-The KV cache is preallocated: `[layers, batch, max_len, kv_heads, head_dim]`, written in
-place with `dynamic_update_slice`. Rows of a batch share one write index: prompts of
-different lengths are left-padded, and `start[b]` is the first real slot of row b.
+Layers are unrolled, one buffer per weight (the layout decision and its measurements are in
+the README, "How it is built"). Compiled code takes the state (`nnx.split`) and rebuilds
+the module inside (`forward`, a thin wrapper: `nnx.merge(graphdef(config, dtype), params)`).
+
+The KV cache stays outside the modules: a pytree passed in and returned, preallocated
+`[layers, batch, max_len, kv_heads, head_dim]` and written in place with
+`dynamic_update_slice`. Rows of a batch share one write index: prompts of different lengths
+are left-padded, and `start[b]` is the first real slot of row b.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import functools
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
+from bluelm_jax import params as P
 from bluelm_jax.attention import attention
 from bluelm_jax.config import BlueLMConfig
 from bluelm_jax.rope import apply_rope, sin_cos
 from bluelm_jax.sharding import constrain
+
+INIT_STD = 0.02  # normal init of fresh weights (norms start at one, biases at zero)
 
 
 class KVCache(NamedTuple):
@@ -46,6 +67,9 @@ def init_cache(config: BlueLMConfig, batch: int, max_len: int, dtype=jnp.float32
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32), start)
 
 
+# --------------------------------------------------------------------------- numerics
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """w * x / sqrt(mean(x^2) + eps), in float32. x: [..., hidden]."""
     x = x.astype(jnp.float32)
@@ -61,114 +85,292 @@ def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> 
     return (x - mean) * jax.lax.rsqrt(var + eps) * weight.astype(jnp.float32) + bias.astype(jnp.float32)
 
 
+def projection_product(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                       preferred_element_type=None, out_sharding=None) -> jax.Array:
+    """THE product of every projection: activations [..., in] by a kernel [in, out].
+
+    It is the `dot_general` of every `nnx.Linear` of the tree, and of the LoRA products
+    (`matmul`), so a different formulation of the projections goes here and nowhere else.
+    """
+    del out_sharding  # activations are constrained by sharding.constrain instead
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+
+
+def matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """x [..., in] @ w [in, out], both cast to `dtype`, through `projection_product`."""
+    return projection_product(x.astype(dtype), w.astype(dtype), (((x.ndim - 1,), (0,)), ((), ())))
+
+
 class Adapters(NamedTuple):
     """Low-rank adapters (LoRA) on some projections: y = x W + scale * (x A) B."""
 
-    a: dict  # projection name -> [layers, in, rank]
+    a: dict  # projection name (q_proj, ...) -> [layers, in, rank]
     b: dict  # projection name -> [layers, rank, out]
     scale: jax.Array  # [] float32: alpha / rank
     dropout: float = 0.0  # LoRA dropout on x, applied only when dropout_key is given (training)
     dropout_key: Optional[jax.Array] = None  # PRNG key; each layer and projection folds in its own
 
-    def lora_input(self, h: jax.Array, layer: jax.Array, name: str) -> jax.Array:
-        """h, or h with inverted dropout for the adapter of `name` in `layer` (a traced index)."""
+    def lora_input(self, h: jax.Array, layer: int, name: str) -> jax.Array:
+        """h, or h with inverted dropout for the adapter of `name` in `layer`."""
         if self.dropout_key is None:
             return h
         key = jax.random.fold_in(jax.random.fold_in(self.dropout_key, layer), sorted(self.a).index(name))
         keep = jax.random.bernoulli(key, 1.0 - self.dropout, h.shape)
         return jnp.where(keep, h / (1.0 - self.dropout), 0).astype(h.dtype)
 
+    def term(self, h: jax.Array, layer: int, name: str, dtype) -> Optional[jax.Array]:
+        """scale * dropout(h) A B for projection `name` of `layer`, or None without an adapter there."""
+        if name not in self.a:
+            return None
+        a, b = self.a[name][layer], self.b[name][layer]  # [in, rank], [rank, out]
+        return self.scale * matmul(matmul(self.lora_input(h, layer, name), a, dtype), b, dtype)
 
-def _matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
-    return jnp.matmul(x.astype(dtype), w.astype(dtype))
+
+class Context(NamedTuple):
+    """What every layer of one forward pass shares."""
+
+    sin: jax.Array  # [batch, seq, head_dim // 2] float32
+    cos: jax.Array
+    index: jax.Array  # [] int32: the cache slot of the first new token (0 without a cache)
+    start: jax.Array  # [batch] int32: first valid slot of each row
+    q_offset: Any  # 0 (a Python int: static) without a cache, else `index`
+    attention_impl: str
+    adapters: Optional[Adapters]
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def _metadata(weight: P.Weight) -> dict:
+    """The Flax metadata of a declared weight: its logical axes (never sharded at creation)."""
+    return {"out_sharding": weight.axes, "eager_sharding": False}
+
+
+def _param(weight: P.Weight, config: BlueLMConfig, value: float, param_dtype) -> nnx.Param:
+    return nnx.Param(jnp.full(P.shape_of(weight, config), value, param_dtype), **_metadata(weight))
+
+
+def _linear(weight: P.Weight, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs, **kwargs) -> nnx.Linear:
+    """A bias-free nnx.Linear of a declared [in, out] kernel, computing with `projection_product`."""
+    fan_in, fan_out = P.shape_of(weight, config)
+    return nnx.Linear(fan_in, fan_out, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=nnx.initializers.normal(INIT_STD), dot_general=projection_product,
+                      kernel_metadata=_metadata(weight), rngs=rngs, **kwargs)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a `weight`, computed in float32."""
+
+    def __init__(self, weight: P.Weight, config: BlueLMConfig, param_dtype):
+        self.weight = _param(weight, config, 1.0, param_dtype)
+        self.eps = config.rms_norm_eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with a `weight` and a `bias`, computed in float32 (BlueLM's embedding LayerNorm)."""
+
+    def __init__(self, path: tuple[str, ...], config: BlueLMConfig, param_dtype):
+        self.weight = _param(P.top_weight((*path, "weight")), config, 1.0, param_dtype)
+        self.bias = _param(P.top_weight((*path, "bias")), config, 0.0, param_dtype)
+        self.eps = config.rms_norm_eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return layer_norm(x, self.weight[...], self.bias[...], self.eps)
+
+
+def _project(linear: nnx.Linear, name: str, h: jax.Array, layer: int, adapters: Optional[Adapters]) -> jax.Array:
+    """linear(h), plus the LoRA term of projection `name` when `adapters` has one."""
+    y = linear(h)
+    lora = None if adapters is None else adapters.term(h, layer, name, linear.dtype)
+    return y if lora is None else y + lora.astype(y.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with grouped KV heads and rotary positions; the cache is passed through."""
+
+    def __init__(self, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self, name, _linear(P.layer_weight(("self_attn", name, "kernel")), config, dtype, param_dtype, rngs))
+        self.config = config
+
+    def __call__(self, h: jax.Array, ctx: Context, kv: Optional[tuple], layer: int) -> tuple[jax.Array, Optional[tuple]]:
+        """h: [batch, seq, hidden] -> ([batch, seq, hidden], kv). kv: (k, v) caches of all layers, or None."""
+        c = self.config
+        batch, seq, _ = h.shape
+        project = functools.partial(_project, h=h, layer=layer, adapters=ctx.adapters)
+        q = project(self.q_proj, "q_proj").reshape(batch, seq, c.num_attention_heads, c.head_dim)
+        k = project(self.k_proj, "k_proj").reshape(batch, seq, c.num_key_value_heads, c.head_dim)
+        v = project(self.v_proj, "v_proj").reshape(batch, seq, c.num_key_value_heads, c.head_dim)
+        q, k = apply_rope(q, ctx.sin, ctx.cos), apply_rope(k, ctx.sin, ctx.cos)
+        if kv is not None:
+            k_cache, v_cache = kv  # [layers, batch, max_len, kv_heads, head_dim]
+            at = (layer, 0, ctx.index, 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
+            kv = (k_cache, v_cache)
+            k, v = k_cache, v_cache  # all layers: attention reads only this layer's filled blocks
+        a = attention(q, k, v, ctx.q_offset, ctx.start, ctx.attention_impl, None if kv is None else layer)
+        a = a.reshape(batch, seq, c.num_attention_heads * c.head_dim)
+        return _project(self.o_proj, "o_proj", a, layer, ctx.adapters), kv
+
+
+class MLP(nnx.Module):
+    """down(silu(gate(h)) * up(h))."""
+
+    def __init__(self, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self, name, _linear(P.layer_weight(("mlp", name, "kernel")), config, dtype, param_dtype, rngs))
+
+    def __call__(self, h: jax.Array, ctx: Context, layer: int) -> jax.Array:
+        project = functools.partial(_project, layer=layer, adapters=ctx.adapters)
+        gate = jax.nn.silu(project(self.gate_proj, "gate_proj", h))
+        up = project(self.up_proj, "up_proj", h)
+        return project(self.down_proj, "down_proj", gate * up)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm attention and MLP blocks, each added to the residual stream."""
+
+    def __init__(self, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(P.layer_weight(("input_layernorm", "weight")), config, param_dtype)
+        self.self_attn = Attention(config, dtype, param_dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(P.layer_weight(("post_attention_layernorm", "weight")), config,
+                                                param_dtype)
+        self.mlp = MLP(config, dtype, param_dtype, rngs)
+
+    def __call__(self, x: jax.Array, ctx: Context, kv: Optional[tuple], layer: int) -> tuple[jax.Array, Optional[tuple]]:
+        """x: [batch, seq, hidden] in the compute dtype; `layer` is this layer's index (static)."""
+        with jax.named_scope("attention"):
+            a, kv = self.self_attn(self.input_layernorm(x), ctx, kv, layer)
+            x = x + a.astype(x.dtype)
+        with jax.named_scope("mlp"):
+            x = x + self.mlp(self.post_attention_layernorm(x), ctx, layer).astype(x.dtype)
+        return x, kv
+
+
+def _run_layer(layer: DecoderLayer, x: jax.Array, ctx: Context, kv: Optional[tuple], index: int,
+               remat: bool) -> tuple[jax.Array, Optional[tuple]]:
+    """layer(x), under `jax.checkpoint` with `remat` (its activations recomputed in the backward pass)."""
+    if not remat:
+        return layer(x, ctx, kv, index)
+    graphdef, state = nnx.split(layer)
+
+    @jax.checkpoint
+    def run(state, x):
+        return nnx.merge(graphdef, state)(x, ctx, kv, index)
+
+    return run(state, x)
+
+
+class BlueLMModel(nnx.Module):
+    """Embedding (and its LayerNorm), the decoder layers, the final norm."""
+
+    def __init__(self, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs):
+        embedding = P.top_weight(("model", "embed_tokens", "embedding"))
+        self.embed_tokens = nnx.Embed(*P.shape_of(embedding, config), param_dtype=param_dtype,
+                                      embedding_init=nnx.initializers.normal(INIT_STD),
+                                      embedding_metadata=_metadata(embedding), rngs=rngs)
+        self.embed_layer_norm = (LayerNorm(("model", "embed_layer_norm"), config, param_dtype)
+                                 if config.use_stable_embedding else None)
+        self.layers = nnx.List([DecoderLayer(config, dtype, param_dtype, rngs)
+                                for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(P.top_weight(("model", "norm", "weight")), config, param_dtype)
+        self.config, self.dtype = config, dtype
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Optional[KVCache], start: Optional[jax.Array],
+                 adapters: Optional[Adapters], remat: bool, attention_impl: str) -> tuple[jax.Array, Optional[KVCache]]:
+        """The final normed hidden states [batch, seq, hidden] float32, and the updated cache."""
+        batch, seq = tokens.shape
+        x = self.embed_tokens(tokens)  # [batch, seq, hidden]
+        if self.embed_layer_norm is not None:
+            x = self.embed_layer_norm(x)
+        x = constrain(x.astype(self.dtype), "hidden")
+        sin, cos = sin_cos(positions, self.config)  # [batch, seq, head_dim // 2]
+        if cache is None:
+            index = jnp.zeros((), jnp.int32)
+            start = jnp.zeros((batch,), jnp.int32) if start is None else start
+            kv, q_offset = None, 0
+        else:
+            index, start = cache.index, cache.start
+            kv, q_offset = (constrain(cache.k, "kv_cache"), constrain(cache.v, "kv_cache")), index
+        ctx = Context(sin, cos, index, start, q_offset, attention_impl, adapters)
+        for i, layer in enumerate(self.layers):
+            with jax.named_scope(f"layer_{i}"):
+                x, kv = _run_layer(layer, x, ctx, kv, i, remat)
+        new_cache = None if cache is None else KVCache(kv[0], kv[1], index + seq, start)
+        return self.norm(x), new_cache
+
+
+class BlueLMForCausalLM(nnx.Module):
+    """The decoder and its language-model head; call it for logits (see `__call__`)."""
+
+    def __init__(self, config: BlueLMConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: Optional[nnx.Rngs] = None):
+        """dtype: the compute dtype of the products; param_dtype: of fresh weights; rngs: their init."""
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        self.model = BlueLMModel(config, dtype, param_dtype, rngs)
+        self.lm_head = _linear(P.top_weight(("lm_head", "kernel")), config, dtype, param_dtype, rngs,
+                               preferred_element_type=jnp.float32)
+        self.config = config
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Optional[KVCache] = None,
+                 start: Optional[jax.Array] = None, *, last_only: bool = False,
+                 adapters: Optional[Adapters] = None, remat: bool = False,
+                 attention_impl: str = "auto") -> tuple[jax.Array, Optional[KVCache]]:
+        """Logits of the next token at every position (or only the last with `last_only`).
+
+        tokens, positions: [batch, seq] int32.
+        Without a cache, attention is causal over `tokens`, with keys before `start[b]` masked.
+        With a cache, the new keys/values go to slots [index, index + seq), each query sees
+        slots start[b] .. its own, and the returned cache has index + seq.
+        `adapters` adds LoRA terms to the projections they name; `remat` recomputes each layer's
+        activations in the backward pass instead of storing them. `attention_impl` picks the
+        attention kernel (attention.attention: "auto" is dense for short inputs, else
+        flash-style/chunked or the platform kernel, never a [seq, slots] table).
+        Returns logits [batch, seq or 1, vocab] float32, and the updated cache (or None).
+        Under `jax.set_mesh(mesh)`, activations and the cache are constrained by sharding.py.
+        """
+        x, cache = self.model(tokens, positions, cache, start, adapters, remat, attention_impl)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+        return constrain(logits, "logits"), cache  # [batch, seq, vocab]: rows on data, vocabulary on tensor
+
+
+# --------------------------------------------------------------------------- functional entry points
+
+
+def abstract_model(config: BlueLMConfig, compute_dtype=jnp.float32, param_dtype=jnp.float32) -> BlueLMForCausalLM:
+    """The module tree with jax.ShapeDtypeStructs for weights (nothing allocated)."""
+    return nnx.eval_shape(lambda: BlueLMForCausalLM(config, dtype=compute_dtype, param_dtype=param_dtype))
+
+
+@functools.lru_cache(maxsize=32)
+def graphdef(config: BlueLMConfig, compute_dtype=jnp.float32) -> nnx.GraphDef:
+    """The static structure of the tree (what `nnx.merge` rebuilds it from), one per config and dtype."""
+    return nnx.split(abstract_model(config, jnp.dtype(compute_dtype)))[0]
+
+
+def init_params(config: BlueLMConfig, seed: int = 0, param_dtype=jnp.float32) -> dict:
+    """Fresh random parameters (normal(0.02) weights, unit norms) as the plain state dict."""
+    module = BlueLMForCausalLM(config, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+    return nnx.state(module, nnx.Param).to_pure_dict()
+
+
+def build(config: BlueLMConfig, params: dict, compute_dtype=jnp.float32) -> BlueLMForCausalLM:
+    """The module tree holding `params` (a state dict as in params.py; arrays are shared, not copied)."""
+    return nnx.merge(graphdef(config, jnp.dtype(compute_dtype)), params)
 
 
 def forward(params: dict, tokens: jax.Array, positions: jax.Array, config: BlueLMConfig,
             cache: Optional[KVCache] = None, start: Optional[jax.Array] = None,
             compute_dtype=jnp.float32, last_only: bool = False, adapters: Optional[Adapters] = None,
             remat: bool = False, attention_impl: str = "auto") -> tuple[jax.Array, Optional[KVCache]]:
-    """Logits of the next token at every position (or only the last with `last_only`).
-
-    tokens, positions: [batch, seq] int32.
-    Without a cache, attention is causal over `tokens`, with keys before `start[b]` masked.
-    With a cache, the new keys/values go to slots [index, index + seq), each query sees
-    slots start[b] .. its own, and the returned cache has index + seq.
-    `adapters` adds LoRA terms to the projections they name; `remat` recomputes each layer's
-    activations in the backward pass instead of storing them.
-    Returns logits [batch, seq or 1, vocab] float32, and the updated cache (or None).
-    `attention_impl` picks the attention kernel (attention.attention: "auto" is dense for short
-    inputs, else flash-style/chunked or the platform kernel, never a [seq, slots] table).
-    Under `jax.set_mesh(mesh)`, activations and the cache are constrained by sharding.py.
-    config, compute_dtype, last_only, remat and attention_impl are static under jit.
-    """
-    c = config
-    batch, seq = tokens.shape
-    heads, kv_heads, head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-
-    x = jnp.take(params["embed_tokens"], tokens, axis=0)  # [batch, seq, hidden]
-    if c.use_stable_embedding:
-        ln = params["embed_layer_norm"]
-        x = layer_norm(x, ln["weight"], ln["bias"], c.rms_norm_eps)
-    x = constrain(x.astype(compute_dtype), "hidden")
-
-    sin, cos = sin_cos(positions, c)  # [batch, seq, head_dim // 2]
-    if cache is None:
-        index = jnp.zeros((), jnp.int32)
-        start = jnp.zeros((batch,), jnp.int32) if start is None else start
-    else:
-        index, start = cache.index, cache.start
-    q_offset = 0 if cache is None else index  # slot of the first query (static without a cache)
-
-    def layer(carry, layer_inputs):
-        x, kv, i = carry  # x: [batch, seq, hidden]; kv: (k, v) caches or None; i: layer index
-        p, lora_a, lora_b = layer_inputs  # this layer's weights and adapters
-
-        def project(h, name):
-            y = _matmul(h, p[name], compute_dtype)
-            if name in lora_a:
-                y = y + (adapters.scale * _matmul(_matmul(adapters.lora_input(h, i, name), lora_a[name], compute_dtype),
-                                                  lora_b[name], compute_dtype)).astype(y.dtype)
-            return y
-
-        h = rms_norm(x, p["input_layernorm"], c.rms_norm_eps)
-        q = project(h, "q_proj").reshape(batch, seq, heads, head_dim)
-        k = project(h, "k_proj").reshape(batch, seq, kv_heads, head_dim)
-        v = project(h, "v_proj").reshape(batch, seq, kv_heads, head_dim)
-        q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-        if kv is not None:
-            k_cache, v_cache = kv  # [layers, batch, max_len, kv_heads, head_dim]
-            at = (i, 0, index, 0, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
-            kv = (k_cache, v_cache)
-            k, v = k_cache, v_cache  # all layers: attention reads only layer i's filled blocks
-        layer_index = None if kv is None else i
-        a = attention(q, k, v, q_offset, start, attention_impl, layer_index).reshape(batch, seq, heads * head_dim)
-        x = x + project(a, "o_proj").astype(x.dtype)
-        h = rms_norm(x, p["post_attention_layernorm"], c.rms_norm_eps)
-        gate = jax.nn.silu(project(h, "gate_proj"))
-        up = project(h, "up_proj")
-        x = x + project(gate * up, "down_proj").astype(x.dtype)
-        return (x, kv, i + 1), None
-
-    if remat:
-        layer = jax.checkpoint(layer)
-    kv = None if cache is None else (constrain(cache.k, "kv_cache"), constrain(cache.v, "kv_cache"))
-    if isinstance(params["layers"], (list, tuple)):  # per-layer layout (params.unstack_layers): unrolled
-        if adapters is not None:
-            raise ValueError("adapters need the stacked layer layout (see params.unstack_layers)")
-        carry = (x, kv, 0)
-        for layer_params in params["layers"]:
-            carry, _ = layer(carry, (layer_params, {}, {}))
-        x, kv, _ = carry
-    else:
-        layer_inputs = (params["layers"], {}, {}) if adapters is None else (params["layers"], adapters.a, adapters.b)
-        (x, kv, _), _ = jax.lax.scan(layer, (x, kv, jnp.zeros((), jnp.int32)), layer_inputs)
-
-    if last_only:
-        x = x[:, -1:]
-    x = rms_norm(x, params["norm"], c.rms_norm_eps).astype(compute_dtype)
-    logits = jnp.matmul(x, params["lm_head"].astype(compute_dtype), preferred_element_type=jnp.float32)
-    logits = constrain(logits, "logits")  # [batch, seq, vocab]: rows on data, vocabulary on tensor
-    new_cache = None if cache is None else KVCache(kv[0], kv[1], index + seq, start)
-    return logits, new_cache
+    """`BlueLMForCausalLM.__call__` on the module rebuilt from `params` (`build`): the form
+    compiled code calls. config, compute_dtype, last_only, remat and attention_impl are static under jit."""
+    return build(config, params, compute_dtype)(tokens, positions, cache, start, last_only=last_only,
+                                                adapters=adapters, remat=remat, attention_impl=attention_impl)

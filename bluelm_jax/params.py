@@ -1,37 +1,141 @@
-"""The parameter tree: its names, shapes, and how each leaf maps to a Hugging Face tensor.
+"""The parameter table: one declaration per weight, and everything derived from it.
 
-Parameters are a plain nested dict of arrays. Per-layer weights are stacked on a leading
-layer axis so that the model scans over layers (one compiled layer body, any depth).
-Projection matrices are stored `[in, out]` (Hugging Face/PyTorch stores `[out, in]`):
+The parameters are the state of the module tree in model.py (`nnx.split(model)[1]` as a
+plain nested dict), named as the PyTorch model names its modules. Each weight is declared
+once below with its logical axes; its shape, its Hugging Face name, whether it is
+transposed, its sharding (sharding.py's RULES) and the LoRA targets (lora.py) all follow:
 
-    embed_tokens                        [vocab, hidden]
-    embed_layer_norm/weight, /bias      [hidden]           (when use_stable_embedding)
-    layers/input_layernorm              [layers, hidden]
-    layers/q_proj                       [layers, hidden, heads * head_dim]
-    layers/k_proj, layers/v_proj        [layers, hidden, kv_heads * head_dim]
-    layers/o_proj                       [layers, heads * head_dim, hidden]
-    layers/post_attention_layernorm     [layers, hidden]
-    layers/gate_proj, layers/up_proj    [layers, hidden, intermediate]
-    layers/down_proj                    [layers, intermediate, hidden]
-    norm                                [hidden]
-    lm_head                             [hidden, vocab]
+    model/embed_tokens/embedding                 [vocab, hidden]       ("vocab", "embed")
+    model/embed_layer_norm/weight, /bias         [hidden]              (when use_stable_embedding)
+    model/layers/{i}/input_layernorm/weight      [hidden]
+    model/layers/{i}/self_attn/q_proj/kernel     [hidden, heads * head_dim]
+    model/layers/{i}/self_attn/k_proj/kernel     [hidden, kv_heads * head_dim]   (v_proj alike)
+    model/layers/{i}/self_attn/o_proj/kernel     [heads * head_dim, hidden]
+    model/layers/{i}/post_attention_layernorm/weight  [hidden]
+    model/layers/{i}/mlp/gate_proj/kernel        [hidden, intermediate]          (up_proj alike)
+    model/layers/{i}/mlp/down_proj/kernel        [intermediate, hidden]
+    model/norm/weight                            [hidden]
+    lm_head/kernel                               [hidden, vocab]
 
-For inference, `unstack_layers` turns `layers` into a list of per-layer dicts with the same
-leaf names (no layer axis); training, sharding and export use the stacked layout.
-
-This module is the single place where these names live; the converters in `convert/`
-and the sharding rules use it.
+`{i}` is an int key (layer index). The Hugging Face name is the path joined with dots, the
+last part renamed: `kernel` (an `nnx.Linear` weight, stored [in, out]) becomes `weight`
+transposed (PyTorch stores [out, in]), `embedding` (`nnx.Embed`) becomes `weight`. The
+Orbax checkpoint stores the same paths (model.layers.3.self_attn.q_proj.kernel).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterator, Optional
+from typing import Iterator, Union
 
 from bluelm_jax.config import BlueLMConfig
 
-PathT = tuple[str, ...]
+PathT = tuple[Union[str, int], ...]
+
+LAYERS = ("model", "layers")  # the per-layer weights live under model/layers/{i}/
+
+
+@dataclasses.dataclass(frozen=True)
+class Weight:
+    """One declared weight: its path (below a layer for per-layer weights) and logical axes."""
+
+    path: tuple[str, ...]
+    axes: tuple[str, ...]  # one logical dim per array dim; sizes from `dim_size`, mesh axes from sharding.RULES
+
+    @property
+    def transpose(self) -> bool:
+        """PyTorch stores a Linear weight [out, in], we store it [in, out]."""
+        return self.path[-1] == "kernel"
+
+
+# Weights outside the layers; the embedding LayerNorm only when config.use_stable_embedding.
+TOP_WEIGHTS: tuple[Weight, ...] = (
+    Weight(("model", "embed_tokens", "embedding"), ("vocab", "embed")),
+    Weight(("model", "embed_layer_norm", "weight"), ("norm",)),
+    Weight(("model", "embed_layer_norm", "bias"), ("norm",)),
+    Weight(("model", "norm", "weight"), ("norm",)),
+    Weight(("lm_head", "kernel"), ("embed", "vocab")),
+)
+
+# The weights of one decoder layer.
+LAYER_WEIGHTS: tuple[Weight, ...] = (
+    Weight(("input_layernorm", "weight"), ("norm",)),
+    Weight(("self_attn", "q_proj", "kernel"), ("embed", "heads")),
+    Weight(("self_attn", "k_proj", "kernel"), ("embed", "kv_heads")),
+    Weight(("self_attn", "v_proj", "kernel"), ("embed", "kv_heads")),
+    Weight(("self_attn", "o_proj", "kernel"), ("heads", "embed")),
+    Weight(("post_attention_layernorm", "weight"), ("norm",)),
+    Weight(("mlp", "gate_proj", "kernel"), ("embed", "mlp")),
+    Weight(("mlp", "up_proj", "kernel"), ("embed", "mlp")),
+    Weight(("mlp", "down_proj", "kernel"), ("mlp", "embed")),
+)
+
+# The per-layer projections by their short name (q_proj, ..., down_proj): the LoRA targets.
+LAYER_PROJECTIONS: dict[str, Weight] = {w.path[-2]: w for w in LAYER_WEIGHTS if w.transpose}
+
+# Buffers some checkpoints carry that are recomputed, never loaded.
+IGNORED_HF_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def dim_size(dim: str, c: BlueLMConfig) -> int:
+    """The size of logical dim `dim` (the projections' head dims are heads x head_dim)."""
+    return {"vocab": c.vocab_size, "embed": c.hidden_size, "norm": c.hidden_size,
+            "heads": c.num_attention_heads * c.head_dim, "kv_heads": c.num_key_value_heads * c.head_dim,
+            "mlp": c.intermediate_size}[dim]
+
+
+def shape_of(weight: Weight, c: BlueLMConfig) -> tuple[int, ...]:
+    return tuple(dim_size(d, c) for d in weight.axes)
+
+
+def layer_weight(path: tuple[str, ...]) -> Weight:
+    """The declaration of the per-layer weight at `path` (e.g. ("self_attn", "q_proj", "kernel"))."""
+    for w in LAYER_WEIGHTS:
+        if w.path == tuple(path):
+            return w
+    raise KeyError(f"no per-layer weight {'/'.join(path)}")
+
+
+def top_weight(path: tuple[str, ...]) -> Weight:
+    for w in TOP_WEIGHTS:
+        if w.path == tuple(path):
+            return w
+    raise KeyError(f"no weight {'/'.join(path)}")
+
+
+def weights(c: BlueLMConfig) -> Iterator[tuple[PathT, Weight]]:
+    """(full path, declaration) of every weight of a model of config `c`, in model order."""
+    for w in TOP_WEIGHTS[:3]:
+        if w.path[1] != "embed_layer_norm" or c.use_stable_embedding:
+            yield w.path, w
+    for i in range(c.num_hidden_layers):
+        for w in LAYER_WEIGHTS:
+            yield (*LAYERS, i, *w.path), w
+    for w in TOP_WEIGHTS[3:]:
+        yield w.path, w
+
+
+def weight_at(path: PathT) -> Weight:
+    """The declaration of the weight at full path `path`; KeyError if there is none."""
+    path = tuple(path)
+    if path[:2] == LAYERS and len(path) > 2 and isinstance(path[2], int):
+        return layer_weight(path[3:])
+    return top_weight(path)
+
+
+def param_shapes(c: BlueLMConfig) -> dict:
+    """The parameter tree with shape tuples as leaves."""
+    tree: dict = {}
+    for path, w in weights(c):
+        set_path(tree, path, shape_of(w, c))
+    return tree
+
+
+def hf_name(path: PathT) -> str:
+    """The Hugging Face state-dict name of the weight at `path` (kernel/embedding -> weight)."""
+    *head, leaf = (str(p) for p in path)
+    return ".".join([*head, "weight" if leaf in ("kernel", "embedding") else leaf])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,64 +145,14 @@ class HFTensor:
     hf_name: str
     hf_shape: tuple[int, ...]  # as stored by PyTorch
     path: PathT  # leaf in the parameter tree
-    layer: Optional[int]  # index on the stacked layer axis, or None
     transpose: bool  # PyTorch Linear [out, in] -> ours [in, out]
-
-
-# per-layer leaf -> (Hugging Face name inside model.layers.{i}., is a Linear weight)
-_LAYER_LEAVES: dict[str, tuple[str, bool]] = {
-    "input_layernorm": ("input_layernorm.weight", False),
-    "q_proj": ("self_attn.q_proj.weight", True),
-    "k_proj": ("self_attn.k_proj.weight", True),
-    "v_proj": ("self_attn.v_proj.weight", True),
-    "o_proj": ("self_attn.o_proj.weight", True),
-    "post_attention_layernorm": ("post_attention_layernorm.weight", False),
-    "gate_proj": ("mlp.gate_proj.weight", True),
-    "up_proj": ("mlp.up_proj.weight", True),
-    "down_proj": ("mlp.down_proj.weight", True),
-}
-
-# Buffers some checkpoints carry that are recomputed, never loaded.
-IGNORED_HF_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-
-
-def _layer_leaf_shapes(c: BlueLMConfig) -> dict[str, tuple[int, ...]]:
-    """Per-layer leaf shapes in our [in, out] layout (without the layer axis)."""
-    h, i, q, kv = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    return {
-        "input_layernorm": (h,), "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-        "post_attention_layernorm": (h,), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
-    }
-
-
-def param_shapes(c: BlueLMConfig) -> dict:
-    """The parameter tree with shape tuples as leaves."""
-    L = c.num_hidden_layers
-    tree: dict = {
-        "embed_tokens": (c.vocab_size, c.hidden_size),
-        "layers": {k: (L, *s) for k, s in _layer_leaf_shapes(c).items()},
-        "norm": (c.hidden_size,),
-        "lm_head": (c.hidden_size, c.vocab_size),
-    }
-    if c.use_stable_embedding:
-        tree["embed_layer_norm"] = {"weight": (c.hidden_size,), "bias": (c.hidden_size,)}
-    return tree
 
 
 def hf_tensors(c: BlueLMConfig) -> Iterator[HFTensor]:
     """Every tensor a Hugging Face BlueLM checkpoint of this config must hold."""
-    h = c.hidden_size
-    yield HFTensor("model.embed_tokens.weight", (c.vocab_size, h), ("embed_tokens",), None, False)
-    if c.use_stable_embedding:
-        yield HFTensor("model.embed_layer_norm.weight", (h,), ("embed_layer_norm", "weight"), None, False)
-        yield HFTensor("model.embed_layer_norm.bias", (h,), ("embed_layer_norm", "bias"), None, False)
-    shapes = _layer_leaf_shapes(c)
-    for layer in range(c.num_hidden_layers):
-        for leaf, (suffix, is_linear) in _LAYER_LEAVES.items():
-            shape = shapes[leaf][::-1] if is_linear else shapes[leaf]
-            yield HFTensor(f"model.layers.{layer}.{suffix}", shape, ("layers", leaf), layer, is_linear)
-    yield HFTensor("model.norm.weight", (h,), ("norm",), None, False)
-    yield HFTensor("lm_head.weight", (c.vocab_size, h), ("lm_head",), None, True)
+    for path, w in weights(c):
+        shape = shape_of(w, c)
+        yield HFTensor(hf_name(path), shape[::-1] if w.transpose else shape, path, w.transpose)
 
 
 def get_path(tree: dict, path: PathT):
@@ -114,8 +168,8 @@ def set_path(tree: dict, path: PathT, value) -> None:
 
 
 def flatten(tree: dict, prefix: PathT = ()) -> Iterator[tuple[PathT, object]]:
-    """(path, leaf) pairs of a nested dict, in sorted key order."""
-    for key in sorted(tree):
+    """(path, leaf) pairs of a nested dict, in sorted key order (layer indices numerically)."""
+    for key in sorted(tree, key=lambda k: (isinstance(k, str), k)):
         value = tree[key]
         if isinstance(value, dict):
             yield from flatten(value, prefix + (key,))
@@ -123,18 +177,6 @@ def flatten(tree: dict, prefix: PathT = ()) -> Iterator[tuple[PathT, object]]:
             yield prefix + (key,), value
 
 
-def unstack_layers(params: dict) -> dict:
-    """The per-layer layout: params["layers"] becomes a list of dicts, one buffer per weight.
-
-    Takes `params` over: its stacked leaves are split and dropped one at a time, so the peak
-    is one leaf more than the parameters themselves (when nothing else refers to them).
-    """
-    stacked = params.pop("layers")
-    num_layers = len(next(iter(stacked.values())))
-    per_layer: list[dict] = [{} for _ in range(num_layers)]
-    for name in list(stacked):
-        leaf = stacked.pop(name)
-        for i in range(num_layers):
-            per_layer[i][name] = leaf[i]
-        del leaf
-    return {**params, "layers": per_layer}
+def path_name(path: PathT) -> str:
+    """"model/layers/3/self_attn/q_proj/kernel"."""
+    return "/".join(str(p) for p in path)

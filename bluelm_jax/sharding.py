@@ -6,10 +6,11 @@ Mesh axes (any subset, in this order):
     fsdp     the hidden ("embed") dim of the weights, for training later; batch rows too
     tensor   attention heads, MLP features and the vocabulary (Megatron-style)
 
-`param_spec` is the one function that maps a parameter path to its PartitionSpec; every
-other helper (shardings of a whole tree, an abstract tree for Orbax restore, placing a
-host tree) goes through it. A dimension is split only when its unit count (heads, KV
-heads, features, vocabulary rows) is divisible by the mesh axis; otherwise it stays
+Every weight carries its logical axes (declared in params.py, and the `out_sharding`
+metadata of the module's parameters); `logical_to_mesh` is the one rule that maps them to a
+PartitionSpec through RULES, and every other helper (`param_spec` of a path, shardings of
+a whole tree, placing a host tree) goes through it. A dimension is split only when its
+unit count (heads, KV heads, features, vocabulary rows) is divisible by the mesh axis; otherwise it stays
 replicated on that axis, so any mesh works for any config.
 
 Activations are constrained inside the model with `constrain`, which reads the mesh set
@@ -30,35 +31,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bluelm_jax.config import BlueLMConfig
-from bluelm_jax.params import PathT, flatten, param_shapes, set_path
+from bluelm_jax.params import PathT, flatten, path_name, set_path, weight_at, weights
 
 DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
 AXES = (DATA, FSDP, TENSOR)
 BATCH = (DATA, FSDP)  # mesh axes that split batch rows
 
-# Logical dims of every parameter (params.py names), without sizes. "layers" is the
-# stacked layer axis (never split: the model scans over it).
-PARAM_AXES: dict[PathT, tuple[Optional[str], ...]] = {
-    ("embed_tokens",): ("vocab", "embed"),
-    ("embed_layer_norm", "weight"): ("norm",),
-    ("embed_layer_norm", "bias"): ("norm",),
-    ("layers", "input_layernorm"): ("layers", "norm"),
-    ("layers", "q_proj"): ("layers", "embed", "heads"),
-    ("layers", "k_proj"): ("layers", "embed", "kv_heads"),
-    ("layers", "v_proj"): ("layers", "embed", "kv_heads"),
-    ("layers", "o_proj"): ("layers", "heads", "embed"),
-    ("layers", "post_attention_layernorm"): ("layers", "norm"),
-    ("layers", "gate_proj"): ("layers", "embed", "mlp"),
-    ("layers", "up_proj"): ("layers", "embed", "mlp"),
-    ("layers", "down_proj"): ("layers", "mlp", "embed"),
-    ("norm",): ("norm",),
-    ("lm_head",): ("embed", "vocab"),
-}
-
 # Logical dim -> mesh axis (None: replicated).
 RULES: dict[str, Optional[str]] = {
     "vocab": TENSOR, "heads": TENSOR, "kv_heads": TENSOR, "mlp": TENSOR,
-    "embed": FSDP, "norm": None, "layers": None,
+    "embed": FSDP, "norm": None,
 }
 
 
@@ -185,31 +167,42 @@ def _units(config: BlueLMConfig) -> dict[str, int]:
     """How many indivisible units each logical dim has (a head is never split)."""
     return {"vocab": config.vocab_size, "heads": config.num_attention_heads,
             "kv_heads": config.num_key_value_heads, "mlp": config.intermediate_size,
-            "embed": config.hidden_size, "norm": config.hidden_size, "layers": config.num_hidden_layers}
+            "embed": config.hidden_size, "norm": config.hidden_size}
+
+
+def logical_to_mesh(logical: Sequence[Optional[str]], config: BlueLMConfig, mesh) -> P:
+    """THE rule: the PartitionSpec on `mesh` of a weight with these logical axes.
+
+    `logical` is a weight's axes as declared in params.py, e.g. the P("embed", "heads") that
+    `nnx.get_partition_spec` reads from the module's metadata. Each logical dim goes to its
+    mesh axis in RULES, kept only when the axis is in the mesh and divides the dim's units
+    (a head is never split); otherwise that dim stays replicated, so any mesh works for any
+    config.
+    """
+    sizes, units = _axis_sizes(mesh), _units(config)
+    return P(*(None if name is None else _fits(RULES[name], units[name], sizes) for name in logical))
 
 
 def param_spec(path: PathT, config: BlueLMConfig, mesh) -> P:
-    """THE rule: the PartitionSpec of parameter `path` (e.g. ("layers", "q_proj")) on `mesh`.
+    """The PartitionSpec of parameter `path` (e.g. ("model", "layers", 0, "self_attn", "q_proj", "kernel")).
 
     embed_tokens [vocab, hidden]: P(tensor, fsdp); lm_head [hidden, vocab]: P(fsdp, tensor);
-    q/k/v_proj [layers, hidden, heads*head_dim]: P(None, fsdp, tensor) (whole heads per device);
-    o_proj: P(None, tensor, fsdp); gate/up_proj: P(None, fsdp, tensor); down_proj: P(None, tensor, fsdp);
-    norms and the embedding LayerNorm: replicated. Axes absent from the mesh or not dividing
-    the dim's units are dropped (replicated).
+    q/k/v_proj [hidden, heads*head_dim]: P(fsdp, tensor) (whole heads per device);
+    o_proj: P(tensor, fsdp); gate/up_proj: P(fsdp, tensor); down_proj: P(tensor, fsdp);
+    norms and the embedding LayerNorm: replicated (see `logical_to_mesh`).
     """
     try:
-        logical = PARAM_AXES[tuple(path)]
+        logical = weight_at(path).axes
     except KeyError:
-        raise KeyError(f"no sharding rule for parameter {'/'.join(path)}") from None
-    sizes, units = _axis_sizes(mesh), _units(config)
-    return P(*(_fits(RULES[name], units[name], sizes) for name in logical))
+        raise KeyError(f"no sharding rule for parameter {path_name(path)}") from None
+    return logical_to_mesh(logical, config, mesh)
 
 
 def param_specs(config: BlueLMConfig, mesh) -> dict:
     """The parameter tree with PartitionSpecs as leaves."""
     tree: dict = {}
-    for path, _ in flatten(param_shapes(config)):
-        set_path(tree, path, param_spec(path, config, mesh))
+    for path, weight in weights(config):
+        set_path(tree, path, logical_to_mesh(weight.axes, config, mesh))
     return tree
 
 
@@ -217,18 +210,6 @@ def param_shardings(config: BlueLMConfig, mesh: Mesh) -> dict:
     """The parameter tree with NamedShardings as leaves (for jit and Orbax restore)."""
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(config, mesh),
                         is_leaf=lambda x: isinstance(x, P))
-
-
-def abstract_params(config: BlueLMConfig, mesh: Mesh, dtype=jnp.float32) -> dict:
-    """jax.ShapeDtypeStructs carrying NamedShardings: the target of a sharded restore."""
-    shardings = param_shardings(config, mesh)
-    tree: dict = {}
-    for path, shape in flatten(param_shapes(config)):
-        sharding = shardings
-        for key in path:
-            sharding = sharding[key]
-        set_path(tree, path, jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding))
-    return tree
 
 
 def put(x, sharding: NamedSharding) -> jax.Array:
@@ -319,4 +300,4 @@ def describe(params: dict, mesh: Optional[Mesh] = None) -> Iterable[str]:
         sharding = getattr(leaf, "sharding", None)
         spec = getattr(sharding, "spec", None)
         shard = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
-        yield f"{'/'.join(path):34s} {str(tuple(leaf.shape)):22s} {str(spec):34s} shard {tuple(shard)}"
+        yield f"{path_name(path):44s} {str(tuple(leaf.shape)):22s} {str(spec):34s} shard {tuple(shard)}"

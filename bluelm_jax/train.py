@@ -185,7 +185,9 @@ def abstract_state(config: BlueLMConfig, tc: TrainConfig, mesh: jax.sharding.Mes
     sharding.param_shardings; LoRA: adapters replicated. Optimizer state: see mirror_shardings."""
     replicated = NamedSharding(mesh, PS())
     if tc.lora is None:
-        trained = S.abstract_params(config, mesh, jnp.float32)
+        from bluelm_jax.checkpoint import abstract_params
+
+        trained = abstract_params(config, jnp.float32, S.param_shardings(config, mesh))
     else:
         shapes = jax.eval_shape(lambda: L.init(jax.random.key(0), config, tc.lora))
         trained = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
@@ -195,7 +197,7 @@ def abstract_state(config: BlueLMConfig, tc: TrainConfig, mesh: jax.sharding.Mes
 
 def mirror_shardings(opt_state: Any, trained: Any, other: NamedSharding) -> Any:
     """`opt_state` (ShapeDtypeStructs) with shardings: a leaf that mirrors a trained leaf (same
-    trailing dict keys and shape: Adam mu/nu["layers"]["q_proj"], MultiSteps' accumulated
+    trailing dict keys and shape: Adam mu/nu[...]["self_attn"]["q_proj"]["kernel"], MultiSteps' accumulated
     gradients) gets that leaf's sharding; the rest (step counts) `other`."""
     twins = {_dict_keys(path): x for path, x in jax.tree_util.tree_flatten_with_path(trained)[0]}
 
@@ -208,7 +210,7 @@ def mirror_shardings(opt_state: Any, trained: Any, other: NamedSharding) -> Any:
 
 
 def _dict_keys(path) -> tuple:
-    """The trailing dict keys of a key path: .mu['layers']['q_proj'] -> ("layers", "q_proj")."""
+    """The trailing dict keys of a key path: .mu['lm_head']['kernel'] -> ("lm_head", "kernel")."""
     keys: list = []
     for key in reversed(path):
         if not isinstance(key, jax.tree_util.DictKey):

@@ -30,7 +30,7 @@ import numpy as np
 from bluelm_jax.atomic_dir import atomic_directory, refuse_existing
 from bluelm_jax.command_line import run_reporting_errors, use_cpu_quietly
 from bluelm_jax.config import BlueLMConfig
-from bluelm_jax.params import HFTensor, get_path, hf_tensors
+from bluelm_jax.params import HFTensor, get_path, hf_tensors, path_name
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
 SAFETENSORS_TAGS = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -60,14 +60,14 @@ def hf_arrays(params: dict, config: BlueLMConfig, dtype: str) -> Iterator[tuple[
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     for t in hf_tensors(config):
         leaf = get_path(params, t.path)
-        a = np.asarray(leaf[t.layer] if t.layer is not None else leaf)
+        a = np.asarray(leaf)
         if a.dtype != np_dtype:
             a = a.astype(np_dtype)
         if t.transpose:
             a = a.T
         a = np.ascontiguousarray(a)
         if a.shape != t.hf_shape:
-            raise ExportError(f"parameter {'/'.join(t.path)} gives {t.hf_name} shape {a.shape}, expected {t.hf_shape}")
+            raise ExportError(f"parameter {path_name(t.path)} gives {t.hf_name} shape {a.shape}, expected {t.hf_shape}")
         yield t, a
 
 

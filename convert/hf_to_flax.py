@@ -3,8 +3,8 @@
     python -m convert.hf_to_flax --hf-dir DIR --out DIR [--dtype auto|bfloat16|float32] [--force]
 
 Tensors are read one at a time, renamed, transposed ([out, in] -> [in, out]) and cast,
-and written block by block (one layer of a stacked leaf, or ~64 MB of rows of the
-embedding/head) straight into the Orbax arrays: peak memory is a few blocks plus the
+and written block by block (up to ~64 MB of rows) straight into the Orbax arrays, one
+leaf per tensor at its module path (params.py): peak memory is a few blocks plus the
 tensor being read, never the checkpoint. The output is written into a temporary
 directory beside --out and renamed into place at the end; on any error it is removed
 and the command exits 1 with one line on stderr.
@@ -33,7 +33,7 @@ from bluelm_jax.config import BlueLMConfig, ConfigError
 from bluelm_jax.params import IGNORED_HF_TENSORS, HFTensor, PathT, flatten, hf_tensors, param_shapes, set_path
 from convert.hf_reader import CheckpointFormatError, HFCheckpoint
 
-BLOCK_BYTES = 64 * 1024 * 1024  # largest block of a non-layer leaf written at once
+BLOCK_BYTES = 64 * 1024 * 1024  # largest block of a leaf written at once
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -81,7 +81,7 @@ def resolve_dtype(dtype: Optional[str], ckpt: HFCheckpoint) -> str:
 
 
 def _block_rows(rows: int, row_bytes: int) -> int:
-    """Rows of a non-layer tensor converted and written at once."""
+    """Rows of a tensor converted and written at once."""
     return max(1, min(rows, BLOCK_BYTES // max(row_bytes, 1)))
 
 
@@ -91,9 +91,7 @@ def leaf_specs(config: BlueLMConfig, dtype: str) -> dict[PathT, checkpoint.LeafS
     transposed = {t.path: t.transpose for t in hf_tensors(config)}
     specs = {}
     for path, shape in flatten(param_shapes(config)):
-        if path[0] == "layers":
-            write = (1, *shape[1:])
-        elif len(shape) == 2:
+        if len(shape) == 2:
             axis = 1 if transposed[path] else 0  # the axis of the source's rows
             rows = _block_rows(shape[axis], shape[1 - axis] * np_dtype.itemsize)
             write = (shape[0], rows) if axis else (rows, shape[1])
@@ -131,9 +129,7 @@ def converted_blocks(ckpt: HFCheckpoint, expected: dict[str, HFTensor], specs: d
     for name, src in ckpt.tensors(set(expected)):
         t = expected[name]
         spec = specs[t.path]
-        if t.layer is not None:  # one layer of a stacked leaf
-            blocks = [((t.layer,), _to_layout(src, t.transpose, spec.dtype))]
-        elif src.ndim == 2:
+        if src.ndim == 2:
             blocks = _row_blocks(src, spec, t.transpose)
         else:
             blocks = [((), _to_layout(src, False, spec.dtype))]

@@ -40,18 +40,13 @@ def random_hf_weights(config: BlueLMConfig, seed: int = 0) -> dict[str, np.ndarr
 
 
 def params_from_hf(config: BlueLMConfig, weights: dict[str, np.ndarray]) -> dict:
-    """Our (stacked) parameter tree from in-memory Hugging Face tensors, through params.hf_tensors."""
+    """Our parameter tree from in-memory Hugging Face tensors, through params.hf_tensors."""
     import jax.numpy as jnp
 
-    tree, stacks = {}, {}
+    tree: dict = {}
     for t in hf_tensors(config):
         w = weights[t.hf_name].T if t.transpose else weights[t.hf_name]
-        if t.layer is None:
-            set_path(tree, t.path, jnp.asarray(np.ascontiguousarray(w)))
-        else:
-            stacks.setdefault(t.path, []).append(w)
-    for path, ws in stacks.items():
-        set_path(tree, path, jnp.asarray(np.stack(ws)))
+        set_path(tree, t.path, jnp.asarray(np.ascontiguousarray(w)))
     return tree
 
 

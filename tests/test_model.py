@@ -13,7 +13,7 @@ from transformers.models.llama import modeling_llama
 from bluelm_jax import rope
 from bluelm_jax.config import NTKMIXED_32K, RopeScaling, preset
 from bluelm_jax.model import Adapters, forward, init_cache, layer_norm, rms_norm
-from bluelm_jax.params import param_shapes, unstack_layers
+from bluelm_jax.params import LAYER_PROJECTIONS, LAYERS, get_path, param_shapes, set_path, shape_of
 from tests.hf_reference import ntkmixed_inv_freq_torch
 
 RNG = np.random.default_rng(0)
@@ -140,15 +140,17 @@ def test_adapters_equal_merged_weights_and_remat_keeps_gradients():
     layers, rank = config.num_hidden_layers, 4
     tokens = jnp.asarray(RNG.integers(0, config.vocab_size, (1, 9)), jnp.int32)
     positions = jnp.arange(9, dtype=jnp.int32)[None]
-    shapes = param_shapes(config)["layers"]
+    shapes = {n: shape_of(LAYER_PROJECTIONS[n], config) for n in ("q_proj", "down_proj")}
     key_a, key_b = jax.random.split(jax.random.key(3))
-    a = {n: 0.1 * jax.random.normal(key_a, (layers, shapes[n][1], rank)) for n in ("q_proj", "down_proj")}
-    b = {n: 0.1 * jax.random.normal(key_b, (layers, rank, shapes[n][2])) for n in ("q_proj", "down_proj")}
+    a = {n: 0.1 * jax.random.normal(key_a, (layers, shapes[n][0], rank)) for n in shapes}
+    b = {n: 0.1 * jax.random.normal(key_b, (layers, rank, shapes[n][1])) for n in shapes}
     adapters = Adapters(a, b, jnp.float32(2.0))
     with_adapters, _ = forward(params, tokens, positions, config, adapters=adapters)
     merged = jax.tree.map(lambda x: x, params)
     for n in a:
-        merged["layers"][n] = params["layers"][n] + 2.0 * jnp.einsum("lir,lro->lio", a[n], b[n])
+        for i in range(layers):
+            path = (*LAYERS, i, *LAYER_PROJECTIONS[n].path)
+            set_path(merged, path, get_path(params, path) + 2.0 * a[n][i] @ b[n][i])
     np.testing.assert_allclose(np.asarray(with_adapters), np.asarray(forward(merged, tokens, positions, config)[0]),
                                atol=1e-5)
     base, _ = forward(params, tokens, positions, config)
@@ -160,22 +162,3 @@ def test_adapters_equal_merged_weights_and_remat_keeps_gradients():
     grads, grads_remat = jax.grad(loss)(params, False), jax.grad(loss)(params, True)
     for g, h in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(h), atol=1e-6)
-
-
-def test_per_layer_layout_equals_stacked():
-    config = preset("tiny-gqa")
-    params = random_params(config, seed=4)
-    tokens = jnp.asarray(RNG.integers(0, config.vocab_size, (2, 12)), jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
-    stacked, _ = forward(params, tokens, positions, config)
-    layer_1_q = np.asarray(params["layers"]["q_proj"][1])
-    per_layer = unstack_layers(params)
-    assert "layers" not in params  # taken over: the stacked leaves are released
-    assert len(per_layer["layers"]) == config.num_hidden_layers
-    np.testing.assert_array_equal(np.asarray(per_layer["layers"][1]["q_proj"]), layer_1_q)
-    np.testing.assert_allclose(np.asarray(forward(per_layer, tokens, positions, config)[0]), np.asarray(stacked),
-                               atol=1e-5)
-    cache = init_cache(config, 2, 16)
-    first, cache = forward(per_layer, tokens[:, :8], positions[:, :8], config, cache)
-    rest, cache = forward(per_layer, tokens[:, 8:], positions[:, 8:], config, cache)
-    np.testing.assert_allclose(np.concatenate([first, rest], 1), np.asarray(stacked), atol=1e-5)

@@ -72,7 +72,8 @@ def test_default_size_model_drives_loss_down(tok, tmp_path):
     """The default model's shape (3.7M parameters), 200 steps on 4 fixed samples: loss < 0.05."""
     train_file = write_jsonl(tmp_path / "short.jsonl", [{"prompt": q[:12], "response": a[:20]} for q, a in
                                                         (r.values() for r in qa_records())])
-    from bluelm_jax.default_model.build import MODEL_SHAPE, init_params
+    from bluelm_jax.default_model.build import MODEL_SHAPE
+    from bluelm_jax.model import init_params
 
     import types
 

@@ -46,26 +46,6 @@ def train_tokenizer(sentences: list[str], vocab_size: int = TOKENIZER_VOCAB) -> 
     return model.getvalue()
 
 
-def init_params(config, seed: int = 0) -> dict:
-    """Random initial weights: N(0, 0.02) matrices, unit norms, zero LayerNorm bias."""
-    import jax
-    import jax.numpy as jnp
-
-    from bluelm_jax.params import flatten, param_shapes, set_path
-
-    tree: dict = {}
-    for i, (path, shape) in enumerate(flatten(param_shapes(config))):
-        name = path[-1]
-        if name in ("input_layernorm", "post_attention_layernorm", "norm", "weight"):
-            value = jnp.ones(shape, jnp.float32)
-        elif name == "bias":
-            value = jnp.zeros(shape, jnp.float32)
-        else:
-            value = 0.02 * jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), shape, jnp.float32)
-        set_path(tree, path, value)
-    return tree
-
-
 def greedy(params, config, prompt_ids: list[int], max_new: int, stop_ids, width: int = 128) -> list[int]:
     """Greedy continuation by full forward passes over a fixed width (one compilation)."""
     import jax
@@ -129,6 +109,7 @@ def main(argv=None) -> int:
     jax.config.update("jax_platforms", "cpu")
     from bluelm_jax.config import BlueLMConfig
     from bluelm_jax.default_model import corpus
+    from bluelm_jax.model import init_params
     from bluelm_jax.tokenizer import BlueLMTokenizer
     from bluelm_jax.train import TrainConfig, train
     from convert.flax_to_hf import export_params
