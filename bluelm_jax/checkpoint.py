@@ -232,7 +232,7 @@ class _StreamingHandler(type_handlers.NumpyHandler):
             for path, index, value in self._blocks:
                 store = stores[path]
                 if value.dtype != store.dtype.numpy_dtype:
-                    raise TypeError(f"block of {'/'.join(path)} has dtype {value.dtype}, leaf has {store.dtype}")
+                    raise TypeError(f"block of {path_name(path)} has dtype {value.dtype}, leaf has {store.dtype}")
                 pending.append((store[index].write(value, can_reference_source_data_indefinitely=True), value.nbytes))
                 inflight += value.nbytes
                 while inflight > self._max_inflight:

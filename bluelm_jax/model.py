@@ -345,8 +345,12 @@ class BlueLMForCausalLM(nnx.Module):
 
 
 def abstract_model(config: BlueLMConfig, compute_dtype=jnp.float32, param_dtype=jnp.float32) -> BlueLMForCausalLM:
-    """The module tree with jax.ShapeDtypeStructs for weights (nothing allocated)."""
-    return nnx.eval_shape(lambda: BlueLMForCausalLM(config, dtype=compute_dtype, param_dtype=param_dtype))
+    """The module tree with jax.ShapeDtypeStructs for weights (nothing allocated).
+
+    (Not `nnx.eval_shape`: under an ambient mesh it would read the logical axes as mesh axes.)"""
+    graph, state = jax.eval_shape(lambda: nnx.split(BlueLMForCausalLM(config, dtype=compute_dtype,
+                                                                      param_dtype=param_dtype)))
+    return nnx.merge(graph, state)
 
 
 @functools.lru_cache(maxsize=32)

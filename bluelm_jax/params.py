@@ -94,14 +94,14 @@ def layer_weight(path: tuple[str, ...]) -> Weight:
     for w in LAYER_WEIGHTS:
         if w.path == tuple(path):
             return w
-    raise KeyError(f"no per-layer weight {'/'.join(path)}")
+    raise KeyError(f"no per-layer weight {path_name(path)}")
 
 
 def top_weight(path: tuple[str, ...]) -> Weight:
     for w in TOP_WEIGHTS:
         if w.path == tuple(path):
             return w
-    raise KeyError(f"no weight {'/'.join(path)}")
+    raise KeyError(f"no weight {path_name(path)}")
 
 
 def weights(c: BlueLMConfig) -> Iterator[tuple[PathT, Weight]]:

@@ -24,10 +24,10 @@ tokens, start = prompts(CONFIG)
 for mesh_spec in ("data=2,tensor=4", "data=1,tensor=8"):
     mesh = sharding.make_mesh(mesh_spec)
     params = sharding.shard_params(host_params, CONFIG, mesh)
-    local_shapes = sorted({tuple(s.data.shape) for s in params["layers"]["gate_proj"].addressable_shards})
+    local_shapes = sorted({tuple(s.data.shape) for s in params["model"]["layers"][0]["mlp"]["gate_proj"]["kernel"].addressable_shards})
     ids, last, _ = greedy(params, tokens, start, mesh=mesh)
     result["runs"][mesh_spec] = {"ids": ids.tolist(), "last": last.tolist(),
-                                 "local_shards": len(params["layers"]["gate_proj"].addressable_shards),
+                                 "local_shards": len(params["model"]["layers"][0]["mlp"]["gate_proj"]["kernel"].addressable_shards),
                                  "gate_proj_shard_shapes": local_shapes}
 with open(out_path, "w") as f:
     json.dump(result, f)

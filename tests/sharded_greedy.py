@@ -30,7 +30,7 @@ def random_params(config: BlueLMConfig, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
 
     def leaf(shape):
-        is_norm = len(shape) == 1 or (len(shape) == 2 and shape[0] == config.num_hidden_layers)
+        is_norm = len(shape) == 1
         value = 1 + 0.1 * rng.standard_normal(shape) if is_norm else 0.08 * rng.standard_normal(shape)
         return value.astype(np.float32)
 

@@ -30,8 +30,6 @@ def assert_params_match(params: dict, weights: dict[str, np.ndarray], dtype) -> 
     """Every leaf equals its Hugging Face tensor, transposed to [in, out] and cast."""
     for t in hf_tensors(CONFIG):
         leaf = np.asarray(get_path(params, t.path))
-        if t.layer is not None:
-            leaf = leaf[t.layer]
         expected = weights[t.hf_name].astype(dtype)
         expected = expected.T if t.transpose else expected
         assert leaf.dtype == np.dtype(dtype), t.hf_name
@@ -96,11 +94,12 @@ def test_round_trip(tmp_path, tokenizer_model, fmt, num_shards, stored, dtype, e
 
 
 def test_blocks_split_embedding_and_head(tmp_path, sharded_dir, monkeypatch):
-    """Embedding and head are written in blocks of rows/columns, the last one partial."""
+    """Embedding, head and projections are written in blocks of rows/columns, the last one partial."""
     monkeypatch.setattr(hf_to_flax, "BLOCK_BYTES", 3 * CONFIG.hidden_size * 4)  # 3 rows: 640 = 3 * 213 + 1
     specs = hf_to_flax.leaf_specs(CONFIG, "float32")
-    assert specs[("embed_tokens",)].write_shape == (3, CONFIG.hidden_size)
-    assert specs[("lm_head",)].write_shape == (CONFIG.hidden_size, 3)
+    assert specs[("model", "embed_tokens", "embedding")].write_shape == (3, CONFIG.hidden_size)
+    assert specs[("lm_head", "kernel")].write_shape == (CONFIG.hidden_size, 3)
+    assert specs[("model", "layers", 1, "mlp", "down_proj", "kernel")].write_shape == (CONFIG.intermediate_size, 1)  # source rows of 512
     out = str(tmp_path / "out")
     convert_hf_to_flax(sharded_dir, out, progress=False)
     assert_params_match(checkpoint.restore_params(out, CONFIG), random_hf_weights(CONFIG), np.float32)

@@ -90,9 +90,9 @@ def test_greedy_is_deterministic_and_sampling_depends_on_seed(model):
 
 def test_ids_past_the_tokenizer_are_never_generated(tokenizer_model):
     m = make_model(CONFIG, tokenizer_model, seed=3)
-    lm_head = np.asarray(m.params["lm_head"]).copy()
+    lm_head = np.asarray(m.params["lm_head"]["kernel"]).copy()
     lm_head[:, 600:] = lm_head[:, 600:] * 50  # make the unusable rows dominate often
-    m.params = dict(m.params, lm_head=jnp.asarray(lm_head))
+    m.params = dict(m.params, lm_head={"kernel": jnp.asarray(lm_head)})
     r = G.generate(m, PROMPTS, max_new_tokens=16, temperature=2.0, seed=0)
     assert max(max(row) for row in r.ids) < 600
     # the unmasked model does produce them (so the check above can fail)
@@ -147,9 +147,9 @@ def test_eos_stops(tokenizer_model):
     m = make_model(CONFIG, tokenizer_model)
     base = G.generate(m, PROMPTS[0], max_new_tokens=20).ids[0]
     k = next(i for i in range(3, 20) if base[i] not in base[:i])
-    lm_head = np.asarray(m.params["lm_head"]).copy()
+    lm_head = np.asarray(m.params["lm_head"]["kernel"]).copy()
     lm_head[:, CONFIG.eos_token_id] = lm_head[:, base[k]]
-    m.params = dict(m.params, lm_head=jnp.asarray(lm_head))
+    m.params = dict(m.params, lm_head={"kernel": jnp.asarray(lm_head)})
     r = G.generate(m, PROMPTS[0], max_new_tokens=20)
     assert r.ids[0] == base[:k] + [CONFIG.eos_token_id] and r.finish_reasons == ["stop"]
     assert r.texts[0] == m.tokenizer.decode(base[:k])
@@ -162,9 +162,9 @@ def test_chat_stop_piece(tokenizer_model):
     chat = G.generate(m, "Hello", max_new_tokens=20, chat=True)
     base = chat.ids[0]
     k = next(i for i in range(3, 20) if base[i] not in base[:i] and base[i] > human)
-    lm_head = np.asarray(m.params["lm_head"]).copy()
+    lm_head = np.asarray(m.params["lm_head"]["kernel"]).copy()
     lm_head[:, human] = lm_head[:, base[k]]  # ties go to the lower id: [|Human|]: replaces X
-    m.params = dict(m.params, lm_head=jnp.asarray(lm_head))
+    m.params = dict(m.params, lm_head={"kernel": jnp.asarray(lm_head)})
     r = G.generate(m, "Hello", max_new_tokens=20, chat=True)
     assert r.ids[0] == base[:k] + [human] and r.finish_reasons == ["stop"]
     assert "[|Human|]:" not in r.texts[0] and r.texts[0] == m.tokenizer.decode(base[:k])

@@ -36,7 +36,7 @@ def assert_trees_equal(a: dict, b: dict) -> None:
     assert fa.keys() == fb.keys()
     for path in fa:
         assert fa[path].dtype == fb[path].dtype, path
-        np.testing.assert_array_equal(np.asarray(fa[path]), np.asarray(fb[path]), err_msg="/".join(path))
+        np.testing.assert_array_equal(np.asarray(fa[path]), np.asarray(fb[path]), err_msg=str(path))
 
 
 def test_orbax_and_hf_dirs_load_the_same(dirs):
@@ -77,12 +77,10 @@ def test_logits(dirs):
 
 
 def _mesh_shardings(mesh: Mesh) -> dict:
-    """Matrices split over 'model' on their last axis, the layer axis over 'data'; vectors replicated."""
+    """Matrices split over 'data' and 'model'; vectors replicated."""
     tree: dict = {}
     for path, shape in flatten(param_shapes(CONFIG)):
-        if path[0] == "layers" and len(shape) == 3:
-            spec = P(None, None, "model")
-        elif len(shape) == 2:
+        if len(shape) == 2:
             spec = P("data", "model")
         else:
             spec = P()
@@ -104,7 +102,8 @@ def test_restore_into_named_shardings(dirs):
         assert all(s.data.shape == shard_shape for s in leaf.addressable_shards), path
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(get_path(single, path)))
     model = bluelm_jax.load(dirs[0], shardings=shardings)
-    assert get_path(model.params, ("layers", "q_proj")).sharding == get_path(shardings, ("layers", "q_proj"))
+    q_proj = ("model", "layers", 1, "self_attn", "q_proj", "kernel")
+    assert get_path(model.params, q_proj).sharding == get_path(shardings, q_proj)
 
 
 def _copy_converted(src: str, dst) -> str:
@@ -122,8 +121,41 @@ def test_layout_version_mismatch(dirs, tmp_path):
     meta["layout_version"] = 999
     with open(meta_path, "w") as f:
         json.dump(meta, f)
-    with pytest.raises(checkpoint.CheckpointError, match="layout version 999, this bluelm-jax reads version 1"):
+    with pytest.raises(checkpoint.CheckpointError, match="layout version 999, this bluelm-jax reads version 2"):
         bluelm_jax.load(out)
+
+
+def test_a_layout_1_checkpoint_is_refused_in_one_line(dirs, tmp_path):
+    """A directory converted by the previous layout (layers stacked on a leading axis,
+    layers/q_proj ...) is refused with one line that says to convert again, by load() and by the CLI."""
+    import shutil
+    import subprocess
+    import sys
+
+    new = checkpoint.restore_params(dirs[1], CONFIG)
+    stacked = {}
+    for layer in new["model"]["layers"].values():
+        for path, leaf in flatten(layer):
+            stacked.setdefault(path[-2], []).append(np.asarray(leaf))
+    old_tree = {"embed_tokens": np.asarray(new["model"]["embed_tokens"]["embedding"]),
+                "embed_layer_norm": {k: np.asarray(v) for k, v in new["model"]["embed_layer_norm"].items()},
+                "layers": {name: np.stack(leaves) for name, leaves in stacked.items()},
+                "norm": np.asarray(new["model"]["norm"]["weight"]), "lm_head": np.asarray(new["lm_head"]["kernel"])}
+    out = tmp_path / "old"
+    out.mkdir()
+    checkpoint.save_params(out / checkpoint.PARAMS_DIR, old_tree)
+    for name in (checkpoint.CONFIG_FILE, checkpoint.TOKENIZER_FILE):
+        shutil.copy(os.path.join(dirs[1], name), out / name)
+    (out / checkpoint.METADATA_FILE).write_text(json.dumps(
+        {"format": "bluelm-jax", "layout_version": 1, "param_dtype": "float32"}))
+    message = r"layout version 1, this bluelm-jax reads version 2; convert the Hugging Face checkpoint again"
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        bluelm_jax.load(out)
+    run = subprocess.run([sys.executable, "-m", "bluelm_jax", "generate", "--model", str(out), "--prompt", "hi"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "convert the Hugging Face checkpoint again" in lines[0], run.stderr
 
 
 def test_config_disagrees_with_params(dirs, tmp_path):
@@ -131,8 +163,8 @@ def test_config_disagrees_with_params(dirs, tmp_path):
     cfg = CONFIG.replace(intermediate_size=384).to_hf_dict()
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f)
-    with pytest.raises(checkpoint.CheckpointError, match=r"parameter layers/down_proj has shape \(2, 512, 256\), "
-                                                         r"config.json implies \(2, 384, 256\)"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"parameter model/layers/0/mlp/down_proj/kernel has shape "
+                                                         r"\(512, 256\), config.json implies \(384, 256\)"):
         bluelm_jax.load(out)
 
 
@@ -172,15 +204,5 @@ def test_logits_with_positions(dirs):
         model.logits(ids, positions=np.arange(3)[None])
 
 
-@pytest.mark.parametrize("which", [0, 1])
-def test_per_layer_load_gives_the_same_logits(dirs, which):
-    stacked, per_layer = bluelm_jax.load(dirs[which]), bluelm_jax.load(dirs[which], per_layer=True)
-    assert isinstance(per_layer.params["layers"], list) and len(per_layer.params["layers"]) == CONFIG.num_hidden_layers
-    ids = [stacked.tokenizer.encode("BlueLM runs in JAX. 你好")]
-    np.testing.assert_allclose(np.asarray(per_layer.logits(ids)), np.asarray(stacked.logits(ids)), atol=1e-5)
-
-
-def test_repr_counts_parameters_in_either_layout(dirs):
-    expected = f"{CONFIG.num_parameters():,} parameters"
-    assert expected in repr(bluelm_jax.load(dirs[1]))
-    assert expected in repr(bluelm_jax.load(dirs[1], per_layer=True))
+def test_repr_counts_parameters(dirs):
+    assert f"{CONFIG.num_parameters():,} parameters" in repr(bluelm_jax.load(dirs[1]))

@@ -54,8 +54,8 @@ def test_two_processes_generate_the_single_process_tokens(tmp_path):
             assert run["local_shards"] == 4  # each process holds only its own devices' shards
             np.testing.assert_array_equal(np.asarray(run["ids"]), ref_ids, err_msg=mesh_spec)
             np.testing.assert_allclose(np.asarray(run["last"]), ref_last, atol=1e-4, err_msg=mesh_spec)
-        assert result["runs"]["data=2,tensor=4"]["gate_proj_shard_shapes"] == [[2, 256, 128]]
-        assert result["runs"]["data=1,tensor=8"]["gate_proj_shard_shapes"] == [[2, 256, 64]]
+        assert result["runs"]["data=2,tensor=4"]["gate_proj_shard_shapes"] == [[256, 128]]
+        assert result["runs"]["data=1,tensor=8"]["gate_proj_shard_shapes"] == [[256, 64]]
 
 
 def test_settings_from_flags_and_environment():

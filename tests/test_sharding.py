@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from bluelm_jax import checkpoint, sharding
 from bluelm_jax.config import preset
-from bluelm_jax.params import flatten, param_shapes
+from bluelm_jax.params import LAYERS, flatten, param_shapes, path_name
 from tests.sharded_greedy import CONFIG, greedy, prompts, random_params
 
 MESHES = ["data=1,tensor=8", "data=2,tensor=4", "data=8,tensor=1"]
@@ -63,43 +63,66 @@ def test_default_mesh():
     assert sharding.default_mesh_shape(8, preset("tiny")) == {"data": 4, "tensor": 2}
 
 
+def _short_names(specs: dict) -> dict:
+    """{"embed_tokens/embedding": spec, "layers/self_attn/q_proj/kernel": spec, ...}: every layer
+    must have the same specs, listed once."""
+    out: dict = {}
+    for path, spec in flatten(specs):
+        name = path_name(path[1:] if path[:2] == LAYERS else path).removeprefix("model/")
+        if path[:2] == LAYERS:
+            name = "layers/" + path_name(path[3:])
+        assert out.setdefault(name, spec) == spec, path
+    return out
+
+
 def test_partition_spec_of_every_parameter():
     """Pins the rule for the 7B shapes on data=2,tensor=4 and on data=2,fsdp=2,tensor=2."""
+    from flax import nnx
+
+    from bluelm_jax.model import abstract_model
+
     config = preset("bluelm-7b-chat")
     expected = {
         "data=2,tensor=4": {
-            "embed_tokens": P("tensor", None),
+            "embed_tokens/embedding": P("tensor", None),
             "embed_layer_norm/bias": P(None), "embed_layer_norm/weight": P(None),
-            "layers/input_layernorm": P(None, None), "layers/post_attention_layernorm": P(None, None),
-            "layers/q_proj": P(None, None, "tensor"), "layers/k_proj": P(None, None, "tensor"),
-            "layers/v_proj": P(None, None, "tensor"), "layers/o_proj": P(None, "tensor", None),
-            "layers/gate_proj": P(None, None, "tensor"), "layers/up_proj": P(None, None, "tensor"),
-            "layers/down_proj": P(None, "tensor", None),
-            "norm": P(None), "lm_head": P(None, "tensor"),
+            "layers/input_layernorm/weight": P(None), "layers/post_attention_layernorm/weight": P(None),
+            "layers/self_attn/q_proj/kernel": P(None, "tensor"), "layers/self_attn/k_proj/kernel": P(None, "tensor"),
+            "layers/self_attn/v_proj/kernel": P(None, "tensor"), "layers/self_attn/o_proj/kernel": P("tensor", None),
+            "layers/mlp/gate_proj/kernel": P(None, "tensor"), "layers/mlp/up_proj/kernel": P(None, "tensor"),
+            "layers/mlp/down_proj/kernel": P("tensor", None),
+            "norm/weight": P(None), "lm_head/kernel": P(None, "tensor"),
         },
         "data=2,fsdp=2,tensor=2": {
-            "embed_tokens": P("tensor", "fsdp"),
+            "embed_tokens/embedding": P("tensor", "fsdp"),
             "embed_layer_norm/bias": P(None), "embed_layer_norm/weight": P(None),
-            "layers/input_layernorm": P(None, None), "layers/post_attention_layernorm": P(None, None),
-            "layers/q_proj": P(None, "fsdp", "tensor"), "layers/k_proj": P(None, "fsdp", "tensor"),
-            "layers/v_proj": P(None, "fsdp", "tensor"), "layers/o_proj": P(None, "tensor", "fsdp"),
-            "layers/gate_proj": P(None, "fsdp", "tensor"), "layers/up_proj": P(None, "fsdp", "tensor"),
-            "layers/down_proj": P(None, "tensor", "fsdp"),
-            "norm": P(None), "lm_head": P("fsdp", "tensor"),
+            "layers/input_layernorm/weight": P(None), "layers/post_attention_layernorm/weight": P(None),
+            "layers/self_attn/q_proj/kernel": P("fsdp", "tensor"), "layers/self_attn/k_proj/kernel": P("fsdp", "tensor"),
+            "layers/self_attn/v_proj/kernel": P("fsdp", "tensor"), "layers/self_attn/o_proj/kernel": P("tensor", "fsdp"),
+            "layers/mlp/gate_proj/kernel": P("fsdp", "tensor"), "layers/mlp/up_proj/kernel": P("fsdp", "tensor"),
+            "layers/mlp/down_proj/kernel": P("tensor", "fsdp"),
+            "norm/weight": P(None), "lm_head/kernel": P("fsdp", "tensor"),
         },
     }
+    # the module's own metadata: nnx.get_partition_spec gives the logical axes, the rules the mesh axes
+    logical = nnx.get_partition_spec(nnx.state(abstract_model(config))).to_pure_dict()
     for mesh_spec, specs in expected.items():
         mesh = sharding.make_mesh(mesh_spec)
-        got = {"/".join(path): spec for path, spec in flatten(sharding.param_specs(config, mesh))}
-        assert got == specs, mesh_spec
+        table = sharding.param_specs(config, mesh)
+        assert len(list(flatten(table))) == 3 + 9 * 32 + 2
+        assert _short_names(table) == specs, mesh_spec
+        from_module = jax.tree.map(lambda p: sharding.logical_to_mesh(p, config, mesh), logical,
+                                   is_leaf=lambda x: isinstance(x, P))
+        assert dict(flatten(from_module)) == dict(flatten(table)), mesh_spec
     # the divisibility fallback: 4 KV heads cannot be split 8 ways, 8 query heads can
     mesh = sharding.make_mesh("tensor=8")
-    assert sharding.param_spec(("layers", "k_proj"), CONFIG, mesh) == P(None, None, None)
-    assert sharding.param_spec(("layers", "q_proj"), CONFIG, mesh) == P(None, None, "tensor")
+    layer_1 = (*LAYERS, 1, "self_attn")
+    assert sharding.param_spec((*layer_1, "k_proj", "kernel"), CONFIG, mesh) == P(None, None)
+    assert sharding.param_spec((*layer_1, "q_proj", "kernel"), CONFIG, mesh) == P(None, "tensor")
     assert sharding.cache_spec(mesh, 8, CONFIG.num_key_value_heads) == P(None, None, None, None, None)
     assert sharding.cache_spec(sharding.make_mesh("data=2,tensor=4"), 8, 32) == P(None, "data", None, "tensor", None)
     with pytest.raises(KeyError, match="no sharding rule"):
-        sharding.param_spec(("layers", "qkv"), config, mesh)
+        sharding.param_spec((*layer_1, "qkv", "kernel"), config, mesh)
 
 
 def expected_shard_shape(shape, spec, mesh):
@@ -131,7 +154,9 @@ def test_sharded_greedy_equals_single_device(mesh_spec, host_params, reference):
     mesh = sharding.make_mesh(mesh_spec)
     params = sharding.shard_params(host_params, CONFIG, mesh)
     split = check_each_device_holds_its_shard(params, mesh)
-    assert split == (0 if mesh.shape["tensor"] == 1 else (9 if mesh.shape["tensor"] == 4 else 7))
+    # embedding and head, and per layer the 7 projections (tensor=8: not the 2 of the 4 KV heads)
+    per_layer = 0 if mesh.shape["tensor"] == 1 else (7 if mesh.shape["tensor"] == 4 else 5)
+    assert split == (0 if per_layer == 0 else 2 + per_layer * CONFIG.num_hidden_layers)
     tokens, start = prompts(CONFIG)
     ids, last, cache = greedy(params, tokens, start, mesh=mesh)
     ref_ids, ref_last = reference
@@ -157,8 +182,9 @@ def test_checkpoint_saved_on_one_mesh_restores_onto_another(tmp_path, host_param
         check_each_device_holds_its_shard(params, mesh)
         ids, _, _ = greedy(params, tokens, start, mesh=mesh)
         np.testing.assert_array_equal(ids, reference[0])
-    abstract = sharding.abstract_params(CONFIG, mesh)
-    assert abstract["lm_head"].sharding.spec == P(None, "tensor") and abstract["lm_head"].shape == (256, 640)
+    abstract = checkpoint.abstract_params(CONFIG, "float32", sharding.param_shardings(CONFIG, mesh))
+    head = abstract["lm_head"]["kernel"]
+    assert head.sharding.spec == P(None, "tensor") and head.shape == (256, 640)
 
 
 def test_constrain_is_identity_without_a_mesh():
@@ -168,7 +194,7 @@ def test_constrain_is_identity_without_a_mesh():
     assert sharding.activation_spec("logits", (4, 1, 640), mesh) == P("data", None, "tensor")
     assert sharding.activation_spec("logits", (3, 1, 642), mesh) == P(None, None, None)
     lines = list(sharding.describe(sharding.shard_params(random_params(CONFIG), CONFIG, mesh)))
-    assert len(lines) == len(list(flatten(param_shapes(CONFIG)))) and "shard (2, 256)" in " ".join(lines)
+    assert len(lines) == len(list(flatten(param_shapes(CONFIG)))) and "shard (128, 256)" in " ".join(lines)
 
 
 def test_load_onto_a_mesh_then_generate(hf_checkpoint, tmp_path):
@@ -183,8 +209,8 @@ def test_load_onto_a_mesh_then_generate(hf_checkpoint, tmp_path):
     mesh = sharding.make_mesh("data=2,tensor=4")
     model = bluelm_jax.load(out, mesh=mesh)
     assert model.mesh is mesh
-    q = model.params["layers"]["q_proj"]
-    assert q.sharding.spec == P(None, None, "tensor") and {s.data.shape for s in q.addressable_shards} == {(2, 256, 64)}
+    q = model.module.model.layers[1].self_attn.q_proj.kernel
+    assert q.sharding.spec == P(None, "tensor") and {s.data.shape for s in q.addressable_shards} == {(256, 64)}
     prompts = [[1, 45, 300, 17, 9], [1, 7, 77, 177, 277, 377, 400, 11]]
     with sharding.use(model.mesh):
         sharded = generate(model, prompts, max_new_tokens=12)

@@ -61,7 +61,6 @@ def test_loss_and_gradients_match_transformers(tok, tmp_path):
 
     for t in hf_tensors(CONFIG):
         g = np.asarray(get_path(grads, t.path))
-        g = g[t.layer] if t.layer is not None else g
         g = g.T if t.transpose else g
         r = named[t.hf_name].grad.numpy()
         rel = np.linalg.norm(g - r) / np.linalg.norm(r)
@@ -143,13 +142,18 @@ def _sharded_tc(spec):
                          weight_decay=0.01, mesh=spec, log_steps=1000)
 
 
+LAYER_1 = ("model", "layers", 1)
+
+
 def _shard_shape(path, mesh):
     """The per-device block of `path` in SHARDED on `mesh` (hidden 256, 4 heads x 64, MLP 512, vocab 640)."""
     f, t = mesh.shape.get("fsdp", 1), mesh.shape.get("tensor", 1)
-    return {("embed_tokens",): (640 // t, 256 // f), ("lm_head",): (256 // f, 640 // t),
-            ("layers", "q_proj"): (2, 256 // f, 256 // t), ("layers", "k_proj"): (2, 256 // f, 256 // t),
-            ("layers", "o_proj"): (2, 256 // t, 256 // f), ("layers", "up_proj"): (2, 256 // f, 512 // t),
-            ("layers", "down_proj"): (2, 512 // t, 256 // f), ("norm",): (256,)}[path]
+    return {("model", "embed_tokens", "embedding"): (640 // t, 256 // f), ("lm_head", "kernel"): (256 // f, 640 // t),
+            (*LAYER_1, "self_attn", "q_proj", "kernel"): (256 // f, 256 // t),
+            (*LAYER_1, "self_attn", "k_proj", "kernel"): (256 // f, 256 // t),
+            (*LAYER_1, "self_attn", "o_proj", "kernel"): (256 // t, 256 // f),
+            (*LAYER_1, "mlp", "up_proj", "kernel"): (256 // f, 512 // t),
+            (*LAYER_1, "mlp", "down_proj", "kernel"): (512 // t, 256 // f), ("model", "norm", "weight"): (256,)}[path]
 
 
 def _assert_sharded_like_params(state, config, mesh):
@@ -168,12 +172,14 @@ def _assert_sharded_like_params(state, config, mesh):
         path = tuple(k.key for k in key_path if isinstance(k, jax.tree_util.DictKey))
         assert leaf.sharding == get_path(shardings, path), name
         moments.update({m: moments[m] + 1 for m in moments if f".{m}[" in name})
-    assert moments == {"mu": 14, "nu": 14}  # one per parameter
-    for path in [("embed_tokens",), ("lm_head",), ("layers", "q_proj"), ("layers", "k_proj"), ("layers", "o_proj"),
-                 ("layers", "up_proj"), ("layers", "down_proj"), ("norm",)]:
+    assert moments == {"mu": 5 + 9 * config.num_hidden_layers, "nu": 5 + 9 * config.num_hidden_layers}  # one per parameter
+    for path in [("model", "embed_tokens", "embedding"), ("lm_head", "kernel"), (*LAYER_1, "self_attn", "q_proj", "kernel"),
+                 (*LAYER_1, "self_attn", "k_proj", "kernel"), (*LAYER_1, "self_attn", "o_proj", "kernel"),
+                 (*LAYER_1, "mlp", "up_proj", "kernel"), (*LAYER_1, "mlp", "down_proj", "kernel"),
+                 ("model", "norm", "weight")]:
         leaves = [get_path(state.params, path)] + [
             leaf for key_path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
-            if jax.tree_util.keystr(key_path).endswith("".join(f"['{k}']" for k in path))]
+            if jax.tree_util.keystr(key_path).endswith("".join(f"[{k!r}]" for k in path))]
         assert len(leaves) == 4  # the param, its accumulated gradient, mu and nu
         for leaf in leaves:
             assert len(leaf.addressable_shards) == mesh.size
