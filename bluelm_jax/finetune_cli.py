@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     g.add_argument("--eval-steps", type=int, default=d.eval_steps, help="evaluate every N steps (0: at the end)")
     g.add_argument("--log-steps", type=int, default=d.log_steps)
-    g.add_argument("--no-resume", action="store_true", help="start over even if --out has checkpoints")
+    g.add_argument("--no-resume", action="store_true",
+                   help="start over: delete the checkpoints in --out (default: resume from the latest)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("LoRA (without --lora-rank: full fine-tuning)")
     g.add_argument("--lora-rank", type=int, default=None)
