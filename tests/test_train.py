@@ -16,7 +16,7 @@ from bluelm_jax import data as D
 from bluelm_jax import train as T
 from bluelm_jax.config import BlueLMConfig, preset
 from bluelm_jax.tokenizer import BlueLMTokenizer
-from tests.ft_helpers import params_from_hf, qa_records, tree_equal, write_jsonl
+from tests.ft_helpers import QA, params_from_hf, qa_records, tree_equal, write_jsonl
 from tests.hf_reference import random_hf_weights, reference_model
 
 CONFIG = preset("tiny").replace(vocab_size=640)  # the test tokenizer has 600 pieces
@@ -325,10 +325,10 @@ def test_rerun_of_a_finished_run_trains_nothing_and_no_resume_starts_over(tok, t
     first = T.train(model, train_file, tc, **quiet)
     again = T.train(model, train_file, tc, **quiet)
     assert again.resumed_from == 2 and again.history == [] and tree_equal(again.params, first.params)
-    other = dataclasses.replace(tc, learning_rate=3e-2)
-    fresh = T.train(model, train_file, other, resume=False, **quiet)
+    other_file = write_jsonl(tmp_path / "other.jsonl", [{"prompt": a, "response": q} for q, a in QA * 2])
+    fresh = T.train(model, other_file, tc, resume=False, **quiet)
     assert [h["step"] for h in fresh.history] == [1, 2] and not tree_equal(fresh.params, first.params)
-    latest = T.train(model, train_file, other, **quiet)
+    latest = T.train(model, other_file, tc, **quiet)
     assert latest.resumed_from == 2 and latest.history == [] and tree_equal(latest.params, fresh.params)
     assert [json.loads(line)["step"] for line in open(os.path.join(out, "train_log.jsonl"))] == [1, 2]
 
