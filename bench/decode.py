@@ -35,9 +35,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bluelm_jax import decode  # noqa: E402
 from bluelm_jax import generate as G  # noqa: E402
 from bluelm_jax.config import BlueLMConfig  # noqa: E402
 from bluelm_jax.params import unstack_layers  # noqa: E402
+from bluelm_jax.planning import GenerationSettings, make_plan  # noqa: E402
 
 SHAPES = {
     # ~58M parameters
@@ -88,15 +90,14 @@ def bytes_per_step(config: BlueLMConfig) -> int:
 
 def ours_runner(model, prompts, new_tokens: int):
     """A function timing one decode loop of bluelm-jax: seconds per step (compiled on creation)."""
-    plan = G._plan(model, prompts, max_new_tokens=new_tokens, temperature=0.0, top_p=1.0, top_k=0,
-                   repetition_penalty=1.0, seed=0, stop=None, chat=False, add_bos=False)
+    plan = make_plan(model, prompts, GenerationSettings(max_new_tokens=new_tokens, add_bos=False))
     until = jnp.int32(plan.width)
 
     def run() -> float:
-        state = G._prefill_plan(model, plan)
+        state = G.prefill(model, plan)
         jax.block_until_ready(state)
         t = time.perf_counter()
-        state = G._decode_loop_jit(model.params, state, plan.request, until, static=plan.static)
+        state = decode.decode_loop(model.params, state, plan.request, until, static=plan.static)
         jax.block_until_ready(state)
         elapsed = time.perf_counter() - t
         steps = int(state.step) - 1  # the prefill produced the first token

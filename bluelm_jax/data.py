@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 from typing import Any, Iterator, NamedTuple, Optional
 
 import numpy as np
@@ -76,12 +77,30 @@ class Batch(NamedTuple):
 # ------------------------------------------------------------------ reading records
 
 
+def check_data_file(path: str) -> None:
+    """DataError unless `path` may hold records: an existing, non-empty regular file (or a pipe)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise DataError(f"{path}: is a directory, expected a JSON or JSON-lines file")
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISFIFO(info.st_mode)):
+        kind = "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else "a socket"
+        raise DataError(f"{path}: not a regular file but {kind}, so it holds no training records "
+                        f"(expected a JSON or JSON-lines file)")
+    if stat.S_ISREG(info.st_mode) and info.st_size == 0:
+        raise DataError(f"{path}: empty file (expected JSON lines or a JSON array of records)")
+
+
 def read_records(path: str) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed JSON value) of every record; DataError on unreadable JSON.
+    """(line number, parsed JSON value) of every record; DataError on a file that cannot hold
+    records (see check_data_file) or unreadable JSON.
 
     A file whose first character (after whitespace) is "[" is one JSON array (its items
     are numbered by the line they start on); otherwise it is JSON lines (blank lines ignored).
     """
+    check_data_file(path)
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

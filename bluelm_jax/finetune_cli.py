@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     g.add_argument("--eval-steps", type=int, default=d.eval_steps, help="evaluate every N steps (0: at the end)")
     g.add_argument("--log-steps", type=int, default=d.log_steps)
-    g.add_argument("--no-resume", action="store_true", help="start over even if --out has checkpoints")
+    g.add_argument("--no-resume", action="store_true",
+                   help="start over: delete the checkpoints in --out (default: resume from the latest)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("LoRA (without --lora-rank: full fine-tuning)")
     g.add_argument("--lora-rank", type=int, default=None)
@@ -113,10 +114,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _run(args, out: str) -> str:
+    from bluelm_jax.data import check_data_file
+
     tc = config_from_args(args)
     for f in (args.train_file, args.eval_file):
-        if f is not None and not os.path.isfile(f):
-            raise ValueError(f"{f}: no such file")
+        if f is not None:
+            check_data_file(f)  # before the model loads: missing, a directory, a device, empty
     import jax
 
     import bluelm_jax
@@ -137,16 +140,18 @@ def _run(args, out: str) -> str:
         f"{'LoRA rank ' + str(tc.lora.rank) if tc.lora else 'all parameters'}")
     result = T.train(model, args.train_file, tc, out_dir=out, eval_file=args.eval_file,
                      progress=not args.no_progress, resume=not args.no_resume, log=log)
-    last = result.history[-1] if result.history else {}
-    summary = f"done: {len(result.history)} steps, loss {last.get('loss', float('nan')):.4f}"
+    outputs = "".join(f"; {name}: {d}" for name, d in (("adapter", result.adapter_dir), ("model", result.model_dir))
+                      if d)
+    if not result.history:  # resumed at or past --max-steps: nothing left to train
+        return (f"already complete at step {result.resumed_from} (--max-steps {tc.max_steps}), nothing trained; "
+                f"to start over use --no-resume or another --out{outputs}")
+    last = result.history[-1]
+    summary = f"done: {len(result.history)} steps, loss {last['loss']:.4f}"
     if result.eval_loss is not None:
         summary += f", eval loss {result.eval_loss:.4f}"
     if result.skipped:
         summary += f", {len(result.skipped)} bad record(s) skipped"
-    for name, d in (("adapter", result.adapter_dir), ("model", result.model_dir)):
-        if d:
-            summary += f"; {name}: {d}"
-    return summary
+    return summary + outputs
 
 
 if __name__ == "__main__":

@@ -28,8 +28,11 @@ Output directory:
     <out>/checkpoints/<step>/   Orbax (CheckpointManager): trained params + optimizer state,
                                 and the data position; every `save_steps`, the last
                                 `keep_checkpoints` kept. A new run on the same <out> resumes
-                                from the latest and repeats the same loss curve.
-    <out>/train_log.jsonl       one JSON line per logged step (loss, lr, tokens/s, eval loss)
+                                from the latest and repeats the same loss curve (at
+                                max_steps already, it trains nothing: history is empty);
+                                with resume=False it deletes them and starts over.
+    <out>/train_log.jsonl       one JSON line per logged step (loss, lr, tokens/s, eval loss),
+                                appended to when resuming, else rewritten
     <out>/model/                full fine-tuning (or LoRA with merge_lora): a converted
                                 bluelm-jax directory, loadable by bluelm_jax.load and
                                 exportable by `python -m convert.flax_to_hf`
@@ -43,6 +46,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -391,10 +395,16 @@ def _save(manager, step: int, state: TrainState, position: D.Position) -> None:
 # ------------------------------------------------------------------ the loop
 
 
+def print_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def train(model, train_file: str, tc: TrainConfig, out_dir: Optional[str] = None, eval_file: Optional[str] = None,
           callback: Optional[Callable[[dict], None]] = None, progress: bool = True, resume: bool = True,
-          log: Callable[[str], None] = print) -> TrainResult:
+          log: Callable[[str], None] = print, warn: Callable[[str], None] = print_to_stderr) -> TrainResult:
     """Fine-tunes `model` (from bluelm_jax.load: .config, .tokenizer, .params) on `train_file`.
+
+    log receives the progress lines, warn the bad records skipped with skip_bad_lines.
 
     callback(record) is called after every optimizer step (it may raise to stop the run).
     With `out_dir`: checkpoints every save_steps (resumed from when present and `resume`),
@@ -406,8 +416,9 @@ def train(model, train_file: str, tc: TrainConfig, out_dir: Optional[str] = None
     pad = config.pad_token_id
     train_ds = D.load_dataset(train_file, tok, tc.seq_len, tc.data, tc.skip_bad_lines)
     eval_ds = D.load_dataset(eval_file, tok, tc.seq_len, tc.data, tc.skip_bad_lines) if eval_file else None
-    if train_ds.skipped:
-        log(f"skipped {len(train_ds.skipped)} bad record(s) of {train_file}; first: {train_ds.skipped[0]}")
+    for ds in (train_ds, eval_ds):
+        if ds is not None and ds.skipped:
+            warn(f"skipped {len(ds.skipped)} bad record(s) of {ds.path}; first: {ds.skipped[0]}")
     compute_dtype = jnp.dtype(tc.compute_dtype) if tc.compute_dtype else _default_compute_dtype()
 
     mesh = train_mesh(tc)
@@ -425,10 +436,14 @@ def train(model, train_file: str, tc: TrainConfig, out_dir: Optional[str] = None
         state, position = _restore(manager, resumed_from, abstract_state(config, tc, mesh))
         log(f"resumed from {manager.directory}/{resumed_from} (data epoch {position.epoch}, batch {position.index})")
     else:
+        if manager is not None:  # starting over: an old run's steps would block (and later shadow) ours
+            for old_step in manager.all_steps():
+                manager.delete(old_step)
         state = init_state(model, tc, mesh)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-    log_file = open(os.path.join(out_dir, "train_log.jsonl"), "a", encoding="utf-8") if out_dir else None
+    log_file = (open(os.path.join(out_dir, "train_log.jsonl"), "a" if resumed_from is not None else "w",
+                     encoding="utf-8") if out_dir else None)
 
     history: list = []
     eval_loss = None

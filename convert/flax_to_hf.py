@@ -12,7 +12,8 @@ directory (from fine-tuning) into the weights first.
 
 Tensors are converted and written one at a time. The output goes to a temporary directory
 beside --out and is renamed into place at the end; on any error it is removed and the
-command exits 1 with one line on stderr.
+command exits 1 with one line on stderr. --out may not be, contain or lie inside --ckpt or
+--adapter (so that --force never deletes an input).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, Iterator, Optional
 import ml_dtypes
 import numpy as np
 
-from bluelm_jax.atomic_dir import atomic_directory, refuse_existing
+from bluelm_jax.atomic_dir import atomic_directory, refuse_existing, refuse_overlap
 from bluelm_jax.command_line import run_reporting_errors, use_cpu_quietly
 from bluelm_jax.config import BlueLMConfig
 from bluelm_jax.params import HFTensor, get_path, hf_tensors, path_name
@@ -158,8 +159,9 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, adapter_dir: Optional[str] = 
         hint = " (for a fine-tuning output, give its model/ directory)" if os.path.isdir(
             os.path.join(ckpt_dir, "model")) else ""
         raise ExportError(f"{ckpt_dir}: not a converted bluelm-jax checkpoint (no {checkpoint.METADATA_FILE}){hint}")
-    if os.path.realpath(ckpt_dir) == os.path.realpath(out_dir):
-        raise ExportError(f"{out_dir}: the output must not be the checkpoint directory")
+    refuse_overlap(out_dir, ckpt_dir, "checkpoint directory", ExportError)
+    if adapter_dir is not None:
+        refuse_overlap(out_dir, adapter_dir, "adapter directory", ExportError)
     refuse_existing(out_dir, force, ExportError)
     meta = checkpoint.read_metadata(ckpt_dir)
     config_file = os.path.join(ckpt_dir, checkpoint.CONFIG_FILE)

@@ -24,7 +24,10 @@ import json
 import math
 import mmap
 import os
+import pickle
+import re
 import struct
+import zipfile
 from typing import Iterator, Optional
 
 import ml_dtypes
@@ -191,25 +194,46 @@ def _memmap(e: TensorEntry) -> np.ndarray:
 # ------------------------------------------------------------------ PyTorch pickles
 
 
+TORCH_EXTRA = 'pip install "bluelm-jax[torch]"'
+
+
 def _torch():
     try:
         import torch
     except ImportError:
         raise CheckpointFormatError(
-            "reading pytorch_model*.bin needs torch (pip install torch), or convert the checkpoint "
+            f"reading pytorch_model*.bin needs torch ({TORCH_EXTRA}), or convert the checkpoint "
             "to safetensors") from None
     return torch
 
 
 def _load_bin(path: str) -> dict:
-    """torch.load with weights_only=True and mmap=True; raises CheckpointFormatError."""
+    """torch.load with weights_only=True and mmap=True; raises CheckpointFormatError.
+
+    A pickle that asks for anything but tensors and plain containers (code to run, arbitrary
+    objects) is refused by torch's weights-only unpickler and reported as such, in our words:
+    torch's own message goes on to suggest weights_only=False, which would run that code.
+    """
     torch = _torch()
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        asked = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise CheckpointFormatError(
+            f"{path}: holds code or objects that are not tensors"
+            f"{f' ({asked.group(1)})' if asked else ''}, so it will not be loaded (unpickling it could run "
+            "code); convert it to safetensors with a tool you trust, or use a safetensors release") from None
+    except OSError:
+        raise  # reported as "<file>: <reason>"
     except Exception as e:  # torch raises many types for corrupt files
+        if not zipfile.is_zipfile(path):
+            raise CheckpointFormatError(
+                f"{path}: cannot read PyTorch checkpoint: not a zip archive (corrupt, truncated, or saved by "
+                "PyTorch older than 1.6)") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointFormatError(
-            f"{path}: cannot read PyTorch checkpoint ({type(e).__name__}: {first[:200]})") from None
+            f"{path}: cannot read PyTorch checkpoint, corrupt or truncated ({type(e).__name__}: "
+            f"{first[:200]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointFormatError(f"{path}: not a state dict of tensors")
     return state

@@ -7,7 +7,8 @@ and written block by block (up to ~64 MB of rows) straight into the Orbax arrays
 leaf per tensor at its module path (params.py): peak memory is a few blocks plus the
 tensor being read, never the checkpoint. The output is written into a temporary
 directory beside --out and renamed into place at the end; on any error it is removed
-and the command exits 1 with one line on stderr.
+and the command exits 1 with one line on stderr. --out may not be, contain or lie inside
+--hf-dir (so that --force never deletes the checkpoint being read).
 
 tokenizer.model is required: every BlueLM release ships it, and `bluelm_jax.load()`
 needs it beside the weights.
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bluelm_jax import checkpoint, hub
-from bluelm_jax.atomic_dir import atomic_directory, refuse_existing
+from bluelm_jax.atomic_dir import atomic_directory, refuse_existing, refuse_overlap
 from bluelm_jax.command_line import run_reporting_errors, use_cpu_quietly
 from bluelm_jax.config import BlueLMConfig, ConfigError
 from bluelm_jax.params import IGNORED_HF_TENSORS, HFTensor, PathT, flatten, hf_tensors, param_shapes, set_path
@@ -178,8 +179,7 @@ def convert_hf_to_flax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dt
     hf_dir, out_dir = os.path.abspath(hub.resolve(hf_dir)), os.path.abspath(out_dir)
     if not os.path.isdir(hf_dir):
         raise ConversionError(f"{hf_dir}: not a directory")
-    if os.path.realpath(hf_dir) == os.path.realpath(out_dir):
-        raise ConversionError(f"{out_dir}: the output must not be the Hugging Face directory")
+    refuse_overlap(out_dir, hf_dir, "Hugging Face directory", ConversionError)
     refuse_existing(out_dir, force, ConversionError)
     config_file = os.path.join(hf_dir, checkpoint.CONFIG_FILE)
     config = BlueLMConfig.from_json_file(config_file)

@@ -84,7 +84,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(checkpoint, tmp_path):
         ("generate", "--model", checkpoint, "--prompt", "hi", "--top-p", "1.5"),
         ("generate", "--model", checkpoint),  # no prompt
         ("generate", "--model", checkpoint, "--prompt", "hi", "--system", "be brief"),
-        ("generate", "--model", checkpoint, "--prompt", "hi", "--mesh", "data=3"),
+        ("generate", "--model", checkpoint, "--prompt", "hi", "--mesh", "data=16"),  # 8 devices
         ("chat", "--model", str(tmp_path)),
         ("frobnicate",),
         (),

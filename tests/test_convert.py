@@ -236,6 +236,13 @@ def _write(name, content: bytes):
     return edit
 
 
+def _truncated_bin(hf, tokenizer_model):
+    write_hf_checkpoint(hf, CONFIG, tokenizer_model, num_shards=1, fmt="bin")
+    path = os.path.join(hf, "pytorch_model.bin")
+    os.truncate(path, os.path.getsize(path) // 2)
+    return hf
+
+
 BAD_INPUTS = {
     "missing tensor": (_weights_without("model.layers.1.mlp.up_proj.weight"),
                        "1 tensor(s) missing: model.layers.1.mlp.up_proj.weight"),
@@ -267,6 +274,9 @@ BAD_INPUTS = {
     "corrupt pytorch_model.bin": (_sharded(lambda hf: [_remove(n)(hf) for n in os.listdir(hf) if n.startswith("model")]
                                            and _write("pytorch_model.bin", b"not a zip file")(hf)),
                                   "pytorch_model.bin: cannot read PyTorch checkpoint"),
+    "truncated pytorch_model.bin": (lambda hf, tok: _truncated_bin(hf, tok),
+                                    "pytorch_model.bin: cannot read PyTorch checkpoint: not a zip archive (corrupt, "
+                                    "truncated"),
 }
 
 
@@ -287,7 +297,8 @@ def test_bin_without_torch(tmp_path, tokenizer_model, capsys, monkeypatch):
     hf = write_hf_checkpoint(str(tmp_path / "hf"), CONFIG, tokenizer_model, fmt="bin")
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
     assert main(["--hf-dir", hf, "--out", str(tmp_path / "out"), "--no-progress"]) == 1
-    assert "reading pytorch_model*.bin needs torch" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "reading pytorch_model*.bin needs torch" in err and 'pip install "bluelm-jax[torch]"' in err, err
     assert leftovers(str(tmp_path / "out")) == []
 
 
@@ -308,3 +319,78 @@ def test_error_while_writing_removes_temp_dir(tmp_path, sharded_dir, capsys, mon
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err, err
     assert leftovers(out) == []
+
+
+class _MakesDirectory:
+    """Unpickled by a full pickle loader, this object would create `path` (as any code could)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_bin_with_code_is_refused_in_our_words(tmp_path, tokenizer_model, capsys):
+    """A pickle that asks for a function is not loaded, and the message does not pass on torch's
+    advice to retry with weights_only=False."""
+    import torch
+
+    hf = write_hf_checkpoint(str(tmp_path / "hf"), CONFIG, tokenizer_model, num_shards=1, fmt="bin")
+    marker = str(tmp_path / "payload-ran")
+    state = torch.load(os.path.join(hf, "pytorch_model.bin"), weights_only=True)
+    state["model.norm.weight"] = _MakesDirectory(marker)
+    torch.save(state, os.path.join(hf, "pytorch_model.bin"))
+    out = str(tmp_path / "out")
+    assert main(["--hf-dir", hf, "--out", out, "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert "pytorch_model.bin: holds code or objects that are not tensors (posix.mkdir), so it will not be " \
+           "loaded" in err and "convert it to safetensors" in err, err
+    assert "weights_only" not in err and "Weights only" not in err, err
+    assert not os.path.exists(marker) and leftovers(out) == []
+
+
+# ------------------------------------------------------------------ --out against --hf-dir
+
+
+def _symlink_to(target, link):
+    os.symlink(target, link)
+    return link
+
+
+OVERLAPS = {  # where --out is, given the input x/model: (path, words of the message)
+    "parent": (lambda tmp, hf: tmp / "x", "must not contain the Hugging Face directory"),
+    "grandparent": (lambda tmp, hf: tmp, "must not contain the Hugging Face directory"),
+    "symlink to the parent": (lambda tmp, hf: _symlink_to(tmp / "x", tmp / "link"),
+                              "must not contain the Hugging Face directory"),
+    "the input": (lambda tmp, hf: hf, "must not be the Hugging Face directory"),
+    "inside": (lambda tmp, hf: hf / "orbax", "must not be inside the Hugging Face directory"),
+}
+
+
+@pytest.mark.parametrize("where", list(OVERLAPS))
+def test_out_containing_or_inside_the_input_is_refused(tmp_path, sharded_dir, capsys, where):
+    """Even with --force: nothing is written or deleted."""
+    hf = tmp_path / "x" / "model"
+    shutil.copytree(sharded_dir, hf)
+    files = sorted(os.listdir(hf))
+    out, words = OVERLAPS[where]
+    out = out(tmp_path, hf)
+    assert main(["--hf-dir", str(hf), "--out", str(out), "--force", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err, err
+    assert sorted(os.listdir(hf)) == files
+    assert not [n for n in os.listdir(tmp_path / "x") if n.startswith(".")]
+
+
+def test_out_sharing_a_name_prefix_with_the_input_is_allowed(tmp_path, sharded_dir):
+    """x/model-orbax is beside x/model, not inside or above it (and the other way round)."""
+    hf = tmp_path / "x" / "model"
+    shutil.copytree(sharded_dir, hf)
+    assert main(["--hf-dir", str(hf), "--out", str(tmp_path / "x" / "model-orbax"), "--no-progress"]) == 0
+    shutil.copytree(sharded_dir, tmp_path / "y" / "model-hf")
+    assert main(["--hf-dir", str(tmp_path / "y" / "model-hf"), "--out", str(tmp_path / "y" / "model"),
+                 "--no-progress"]) == 0
+    assert checkpoint.is_converted_dir(tmp_path / "x" / "model-orbax")
+    assert checkpoint.is_converted_dir(tmp_path / "y" / "model")

@@ -1,6 +1,8 @@
 """Fine-tuning data: the BlueLM recipe (prompt masked), chat lists, bucketing, resumable order, bad data."""
 
 import json
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -78,6 +80,23 @@ def test_empty_and_missing_files(tok, tmp_path):
     (tmp_path / "bad.json").write_text('[{"prompt": "a", "response": "b"},\n {"prompt": ]')
     with pytest.raises(D.DataError, match=r"bad\.json:2: not valid JSON"):
         D.load_dataset(str(tmp_path / "bad.json"), tok, 32)
+
+
+def test_files_that_cannot_hold_records(tok, tmp_path):
+    """A device such as /dev/null exists but is no data file; a directory neither; a pipe is read."""
+    with pytest.raises(D.DataError, match=r"^/dev/null: not a regular file but a device, so it holds no training"):
+        D.load_dataset("/dev/null", tok, 32)
+    with pytest.raises(D.DataError, match=r"is a directory, expected a JSON or JSON-lines file"):
+        D.load_dataset(str(tmp_path), tok, 32)
+    (tmp_path / "zero.jsonl").write_bytes(b"")
+    with pytest.raises(D.DataError, match=r"zero\.jsonl: empty file"):
+        D.check_data_file(str(tmp_path / "zero.jsonl"))
+    pipe = tmp_path / "pipe.jsonl"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=lambda: pipe.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n"))
+    writer.start()
+    assert len(D.load_dataset(str(pipe), tok, 32).examples) == 1
+    writer.join()
 
 
 def test_skip_bad_counts_and_keeps_good(tok, tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from bluelm_jax.config import preset
+from convert import flax_to_hf
 from convert.flax_to_hf import ExportError, export_checkpoint, parse_size
 from convert.hf_to_flax import convert_hf_to_flax
 from tests.ft_helpers import greedy, qa_records, write_jsonl
@@ -112,3 +113,71 @@ def test_exported_finetuned_model_decodes_like_the_reference(tmp_path, tokenizer
         out = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
                            pad_token_id=CONFIG.pad_token_id)
     assert out[0, len(prompt):].tolist() == ours
+
+
+def _directory_modes(top) -> dict:
+    """Permission bits of `top` and of every directory under it, by path relative to top's parent."""
+    parent = os.path.dirname(os.path.abspath(top))
+    return {os.path.relpath(root, parent): oct(os.stat(root).st_mode & 0o777) for root, _, _ in os.walk(top)}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_output_directories_follow_the_umask(tmp_path, tokenizer_model, umask):
+    """Converter, exporter, fine-tuning output (model/) and adapters: every directory is 0777 less the
+    umask, as for any directory the user makes (a temporary directory renamed into place was 0700)."""
+    import bluelm_jax
+    from bluelm_jax import lora as L
+    from bluelm_jax import train as T
+
+    src = write_hf_checkpoint(str(tmp_path / "hf"), CONFIG, tokenizer_model, num_shards=1)
+    data = write_jsonl(tmp_path / "d.jsonl", qa_records())
+    tc = T.TrainConfig(seq_len=64, batch_size=4, max_steps=1, warmup_steps=0, mesh="data=1",
+                       lora=L.LoraConfig(rank=2), merge_lora=True)
+    old = os.umask(umask)  # process-wide: restored below
+    try:
+        convert_hf_to_flax(src, tmp_path / "orbax", progress=False)
+        export_checkpoint(str(tmp_path / "orbax"), str(tmp_path / "export"))
+        result = T.train(bluelm_jax.load(tmp_path / "orbax"), data, tc, out_dir=str(tmp_path / "run"),
+                         progress=False, log=lambda s: None)
+    finally:
+        os.umask(old)
+    assert result.adapter_dir and result.model_dir
+    expected = oct(0o777 & ~umask)
+    for top in (tmp_path / "orbax", tmp_path / "export", tmp_path / "run"):
+        modes = _directory_modes(top)
+        assert modes == dict.fromkeys(modes, expected), modes
+    assert {"run/adapter", "run/model"} <= set(_directory_modes(tmp_path / "run"))
+
+
+@pytest.fixture
+def converted(tmp_path, hf_checkpoint):
+    """A converted checkpoint x/orbax and an adapter-like directory a/adapter (paths are all that is checked)."""
+    convert_hf_to_flax(hf_checkpoint("tiny"), tmp_path / "x" / "orbax", progress=False)
+    (tmp_path / "a" / "adapter").mkdir(parents=True)
+    (tmp_path / "a" / "adapter" / "adapter_config.json").write_text("{}")
+    return tmp_path
+
+
+@pytest.mark.parametrize("inputs, out, words", [
+    ([], "x", "must not contain the checkpoint directory"),
+    ([], "x/orbax", "must not be the checkpoint directory"),
+    ([], "x/orbax/hf", "must not be inside the checkpoint directory"),
+    (["--adapter", "a/adapter"], "a", "must not contain the adapter directory"),
+    (["--adapter", "a/adapter"], "a/adapter/hf", "must not be inside the adapter directory"),
+])
+def test_out_containing_or_inside_an_input_is_refused(converted, capsys, monkeypatch, inputs, out, words):
+    """Even with --force: one line, exit 1, the inputs untouched."""
+    monkeypatch.chdir(converted)
+    before = sorted(os.listdir("x/orbax")), sorted(os.listdir("a/adapter"))
+    assert flax_to_hf.main(["--ckpt", "x/orbax", *inputs, "--out", out, "--force"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+    assert (sorted(os.listdir("x/orbax")), sorted(os.listdir("a/adapter"))) == before
+    assert not [n for n in os.listdir(converted) + os.listdir("x") + os.listdir("a") if n.startswith(".")]
+
+
+def test_out_sharing_a_name_prefix_with_the_checkpoint_is_allowed(converted, monkeypatch):
+    monkeypatch.chdir(converted)
+    assert flax_to_hf.main(["--ckpt", "x/orbax", "--out", "x/orbax-hf"]) == 0
+    assert flax_to_hf.main(["--ckpt", "x/orbax", "--out", "x/orb"]) == 0
+    assert os.path.isfile("x/orbax-hf/model.safetensors") and os.path.isfile("x/orb/model.safetensors")

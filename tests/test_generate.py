@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bluelm_jax import decode, planning
 from bluelm_jax import generate as G
+from bluelm_jax.detokenizer import Detokenizer, safe_length
 from bluelm_jax.config import preset
 from bluelm_jax.model import forward
 from bluelm_jax.tokenizer import BlueLMTokenizer
@@ -47,12 +49,12 @@ def test_prefill_then_decode_equals_full_forward(model):
     tokens[0, pad:] = prompt
     start = jnp.asarray([pad], jnp.int32)
     ours = []
-    prefill = jax.jit(G.prefill_logits, static_argnums=(3, 4))
-    decode = jax.jit(G.decode_logits, static_argnums=(3,))
+    prefill = jax.jit(decode.prefill_logits, static_argnums=(3, 4))
+    step = jax.jit(decode.decode_logits, static_argnums=(3,))
     logits, cache = prefill(model.params, jnp.asarray(tokens), start, 32, CONFIG)
     ours.append(logits)
     for t in extra:
-        logits, cache = decode(model.params, jnp.asarray([t], jnp.int32), cache, CONFIG)
+        logits, cache = step(model.params, jnp.asarray([t], jnp.int32), cache, CONFIG)
         ours.append(logits)
     ours = np.stack([np.asarray(l[0]) for l in ours])  # [1 + N, vocab]
 
@@ -106,7 +108,7 @@ def test_ids_past_the_tokenizer_are_never_generated(tokenizer_model):
 
 def test_compilations_constant_within_bucket_and_across_sampling_values(model):
     def counts():
-        return dict(G.TRACE_COUNTS)
+        return dict(decode.TRACE_COUNTS)
 
     G.generate(model, "Hello", max_new_tokens=8, temperature=0.7, top_p=0.9, repetition_penalty=1.1, seed=0)
     before = counts()
@@ -115,7 +117,7 @@ def test_compilations_constant_within_bucket_and_across_sampling_values(model):
         ("你好，今天过得怎么样？", 20, 1.3, 0.5, 1.0, 2),
         ("The weather is sunny", 30, 0.2, 1.0, 1.5, None),
     ]:
-        assert G.bucket_length(len(model.tokenizer.encode(prompt))) == 32
+        assert planning.bucket_length(len(model.tokenizer.encode(prompt))) == 32
         G.generate(model, prompt, max_new_tokens=n, temperature=t, top_p=p, repetition_penalty=r, seed=seed)
     assert counts() == before
     # another top_k is another program (compiled once), and so is a longer bucket: counting works
@@ -214,8 +216,7 @@ def test_buffers_are_capped_by_the_context(tokenizer_model):
     small = CONFIG.replace(max_position_embeddings=64)
     m = make_model(small, tokenizer_model)
     ids = list(np.random.default_rng(1).integers(4, 600, 20))
-    plan = G._plan(m, ids, max_new_tokens=10**9, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
-                   seed=0, stop=None, chat=False, add_bos=True)
+    plan = planning.make_plan(m, ids, G.GenerationSettings(max_new_tokens=10**9))
     assert plan.limit[0] == 64 - 20
     assert plan.width == 64 and plan.cache_len == 32 + 64  # 44 new tokens, rounded up to the quantum
     r = G.generate(m, ids, max_new_tokens=100_000)
@@ -264,7 +265,7 @@ def test_stream_never_splits_a_character(model):
     text = "猫龍鳳 and 狗"  # 龍鳳 are not in the training text: each is three byte pieces
     ids = tok.encode(text, add_bos=False)
     assert sum(tok.id_to_piece(i).startswith("<0x") for i in ids) == 6
-    detok = G.Detokenizer(tok)
+    detok = Detokenizer(tok)
     shown = [detok.push(i) for i in ids[:-1]] + [detok.push(ids[-1], final=True)]
     assert "".join(shown) == text == detok.text
     assert all("\ufffd" not in p for p in shown)
@@ -274,11 +275,33 @@ def test_stream_never_splits_a_character(model):
 def test_stream_holds_back_a_possible_stop_string(model):
     tok = model.tokenizer
     ids = tok.encode("Hello world, how are you", add_bos=False)
-    detok = G.Detokenizer(tok, stop_strings=("ld, how",))
+    detok = Detokenizer(tok, stop_strings=("ld, how",))
     shown = "".join(detok.push(i) for i in ids)
     assert detok.stopped and shown == detok.text == "Hello wor"
     assert tok.decode(detok.ids).startswith("Hello world, how")
-    assert G._safe_length("abc[|Hu", ("[|Human|]:",)) == 3
+    assert safe_length("abc[|Hu", ("[|Human|]:",)) == 3
+
+
+def test_incremental_text_equals_the_whole_decode_in_linear_time(model):
+    """Pushing ids one by one gives, at every step, the text of decoding them all at once
+    (special pieces, byte pieces and stop ids included), while the work per push stays bounded."""
+    tok = model.tokenizer
+    rng = np.random.default_rng(0)
+    specials = [tok.bos_id, tok.eos_id, *tok.chat_stop_ids]
+    text_ids = tok.encode("猫龍鳳 and 狗. Hello world, how are you? 你好，世界！" * 3, add_bos=False)
+    ids = [int(rng.choice(specials)) if rng.random() < 0.05 else int(rng.integers(0, 600)) for _ in range(1500)]
+    ids = text_ids + ids + text_ids
+    decoded = []
+    counting = types.SimpleNamespace(decode=lambda xs, **kw: decoded.append(len(xs)) or tok.decode(xs, **kw))
+    stop_ids = (tok.eos_id,)
+    detok = Detokenizer(counting, stop_ids=stop_ids)
+    shown = ""
+    for n, i in enumerate(ids, 1):
+        shown += detok.push(i, final=n == len(ids))
+        if n % 97 == 0 or n == len(ids):
+            assert detok.text == tok.decode([j for j in ids[:n] if j not in stop_ids]), n
+    assert shown == detok.text
+    assert sum(decoded) < 40 * len(ids)  # re-decoding everything each time would be ~len(ids)**2 / 2
 
 
 def test_stream_stop_string(model):

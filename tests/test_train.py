@@ -16,7 +16,7 @@ from bluelm_jax import data as D
 from bluelm_jax import train as T
 from bluelm_jax.config import BlueLMConfig, preset
 from bluelm_jax.tokenizer import BlueLMTokenizer
-from tests.ft_helpers import params_from_hf, qa_records, tree_equal, write_jsonl
+from tests.ft_helpers import QA, params_from_hf, qa_records, tree_equal, write_jsonl
 from tests.hf_reference import random_hf_weights, reference_model
 
 CONFIG = preset("tiny").replace(vocab_size=640)  # the test tokenizer has 600 pieces
@@ -290,6 +290,8 @@ def test_finetune_command_bad_input_is_one_line(hf_checkpoint, tmp_path, train_f
     hf = hf_checkpoint("tiny")
     cases = [
         (["--model", hf, "--train-file", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
+        (["--model", hf, "--train-file", "/dev/null"], "/dev/null: not a regular file but a device"),
+        (["--model", hf, "--train-file", train_file, "--eval-file", str(tmp_path)], "is a directory"),
         (["--model", str(tmp_path / "nomodel"), "--train-file", train_file], "nomodel"),
         (["--model", hf, "--train-file", train_file, "--lora-rank", "4", "--lora-targets", "q,zz"], "unknown LoRA target 'zz'"),
         (["--model", hf, "--train-file", train_file, "--lr", "-1"], "learning_rate must be positive"),
@@ -300,6 +302,42 @@ def test_finetune_command_bad_input_is_one_line(hf_checkpoint, tmp_path, train_f
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 1 and len(lines) == 1 and expected in lines[0] and lines[0].startswith("error:"), p.stderr
         assert not os.path.exists(tmp_path / "out")
+
+
+def test_finetune_command_skipped_records_on_stderr_and_rerun_of_a_finished_run(tmp_path):
+    """Skipped records are a warning (stderr); running a finished run again says it is complete (exit 0:
+    what was asked for, a run trained to --max-steps, is there), not `loss nan`."""
+    data = write_jsonl(tmp_path / "t.jsonl", qa_records() + ["not json"])
+    args = ["--train-file", data, "--skip-bad-lines", "--lora-rank", "2", "--seq-len", "64", "--batch-size", "2",
+            "--max-steps", "1", "--save-steps", "1", "--no-progress", "--out", str(tmp_path / "run")]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert "skipped 1 bad record(s) of" in first.stderr and "t.jsonl:5: not valid JSON" in first.stderr, first.stderr
+    assert "skipped 1 bad record(s) of" not in first.stdout and "not valid JSON" not in first.stdout, first.stdout
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    last = again.stdout.strip().splitlines()[-1]
+    assert last.startswith("already complete at step 1 (--max-steps 1)"), again.stdout
+    assert "to start over use --no-resume or another --out" in last and "nan" not in again.stdout, again.stdout
+
+
+def test_rerun_of_a_finished_run_trains_nothing_and_no_resume_starts_over(tok, train_file, tmp_path):
+    """resume=False (--no-resume) replaces the old run's checkpoints: a later resume continues the new run."""
+    from bluelm_jax.lora import LoraConfig
+
+    model, out = _tiny(tok), str(tmp_path / "run")
+    quiet = dict(out_dir=out, progress=False, log=lambda s: None)
+    tc = T.TrainConfig(seq_len=64, batch_size=2, learning_rate=1e-2, warmup_steps=0, max_steps=2, save_steps=1,
+                       mesh="data=1", lora=LoraConfig(rank=2))
+    first = T.train(model, train_file, tc, **quiet)
+    again = T.train(model, train_file, tc, **quiet)
+    assert again.resumed_from == 2 and again.history == [] and tree_equal(again.params, first.params)
+    other_file = write_jsonl(tmp_path / "other.jsonl", [{"prompt": a, "response": q} for q, a in QA * 2])
+    fresh = T.train(model, other_file, tc, resume=False, **quiet)
+    assert [h["step"] for h in fresh.history] == [1, 2] and not tree_equal(fresh.params, first.params)
+    latest = T.train(model, other_file, tc, **quiet)
+    assert latest.resumed_from == 2 and latest.history == [] and tree_equal(latest.params, fresh.params)
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "train_log.jsonl"))] == [1, 2]
 
 
 def test_finetune_command_mesh_options():
