@@ -1,6 +1,7 @@
 """Decode throughput, side by side: bluelm-jax vs the transformers reference, float32 on CPU.
 
     python bench/decode.py [--shapes small medium] [--batches 1 8] [--new-tokens 64] [--repeats 3]
+                           [--baseline DIR] [--skip-reference]
 
 Both run the same random-weight BlueLM checkpoint (the transformers model is LLaMA plus
 BlueLM's embedding LayerNorm, see tests/hf_reference.py), greedy, from the same prompt.
@@ -14,8 +15,11 @@ Roofline: a decode step must read every parameter except the embedding table onc
     measure the issue's targets are stated in;
   * read: a large XLA reduction, the fastest streaming read this machine showed (stricter).
 The fraction is measured steps per second / (bandwidth / bytes per step).
-`--layout` picks bluelm-jax's parameter layout: `per-layer` (what `generate` on one device
-uses: `load(..., per_layer=True)`) or `stacked` (the scanned layout of training and sharding).
+`--baseline DIR` also times another revision of bluelm-jax in the same run, on the same
+weights and prompts, interleaved with this one: DIR is a checkout of it, e.g.
+`git worktree add /tmp/bluelm-before c7c190d` (the last revision before the NNX module
+tree, whose per-layer layout is a list of dicts {q_proj: [in, out], ...}: `baseline_runner`
+speaks that revision's API). `--skip-reference` leaves transformers out.
 Timings are never asserted in tests.
 """
 
@@ -38,7 +42,7 @@ import numpy as np  # noqa: E402
 from bluelm_jax import decode  # noqa: E402
 from bluelm_jax import generate as G  # noqa: E402
 from bluelm_jax.config import BlueLMConfig  # noqa: E402
-from bluelm_jax.params import unstack_layers  # noqa: E402
+from bluelm_jax.params import flatten  # noqa: E402
 from bluelm_jax.planning import GenerationSettings, make_plan  # noqa: E402
 
 SHAPES = {
@@ -129,13 +133,67 @@ def reference_runner(ref, prompts, new_tokens: int):
     return run
 
 
-def compare(ours, theirs, repeats: int) -> tuple[float, float]:
-    """Median seconds per step of each, the runs interleaved so both see the same machine load."""
-    a, b = [], []
+def import_baseline(root: str) -> dict:
+    """The generate module of the bluelm-jax checkout at `root`, imported beside this one.
+
+    Its modules are imported under their own names with `root` first on the path, then moved
+    out of sys.modules (they keep their references to each other), and this checkout's put back."""
+    import importlib
+
+    def is_ours(name: str) -> bool:
+        return name == "bluelm_jax" or name.startswith("bluelm_jax.")
+
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if is_ours(k)}
+    sys.path.insert(0, os.path.abspath(root))
+    try:
+        generate = importlib.import_module("bluelm_jax.generate")
+        assert os.path.abspath(generate.__file__).startswith(os.path.abspath(root)), generate.__file__
+    finally:
+        sys.path.remove(os.path.abspath(root))
+        for k in [k for k in sys.modules if is_ours(k)]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+    return {"generate": generate}
+
+
+def baseline_params(params: dict) -> dict:
+    """This checkout's parameters in the baseline's per-layer layout (the same arrays)."""
+    m = params["model"]
+    layers = [{path[-2]: leaf for path, leaf in flatten(layer)} for _, layer in sorted(m["layers"].items())]
+    return {"embed_tokens": m["embed_tokens"]["embedding"], "embed_layer_norm": dict(m["embed_layer_norm"]),
+            "layers": layers, "norm": m["norm"]["weight"], "lm_head": params["lm_head"]["kernel"]}
+
+
+def baseline_runner(baseline: dict, model, prompts, new_tokens: int):
+    """Like `ours_runner`, through the baseline's generate module (its private API of c7c190d)."""
+    BG = baseline["generate"]
+    old = _Model(model.config, baseline_params(model.params))
+    plan = BG._plan(old, prompts, max_new_tokens=new_tokens, temperature=0.0, top_p=1.0, top_k=0,
+                    repetition_penalty=1.0, seed=0, stop=None, chat=False, add_bos=False)
+    until = jnp.int32(plan.width)
+
+    def run() -> float:
+        state = BG._prefill_plan(old, plan)
+        jax.block_until_ready(state)
+        t = time.perf_counter()
+        state = BG._decode_loop_jit(old.params, state, plan.request, until, static=plan.static)
+        jax.block_until_ready(state)
+        elapsed = time.perf_counter() - t
+        steps = int(state.step) - 1
+        assert steps == new_tokens - 1, (steps, new_tokens)
+        return elapsed / steps
+
+    run()  # compiles
+    return run
+
+
+def compare(runners: list, repeats: int) -> list[float]:
+    """Median seconds per step of each runner, the runs interleaved so all see the same machine load."""
+    times: list[list[float]] = [[] for _ in runners]
     for _ in range(repeats):
-        a.append(ours())
-        b.append(theirs())
-    return statistics.median(a), statistics.median(b)
+        for run, out in zip(runners, times):
+            out.append(run())
+    return [statistics.median(t) for t in times]
 
 
 def main(argv=None) -> None:
@@ -144,8 +202,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--layout", choices=("per-layer", "stacked"), default="per-layer",
-                        help="bluelm-jax parameter layout (default per-layer, as generate uses on one device)")
+    parser.add_argument("--baseline", metavar="DIR", help="a checkout of another bluelm-jax revision to time too")
+    parser.add_argument("--skip-reference", action="store_true", help="do not time transformers")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     args = parser.parse_args(argv)
 
@@ -154,22 +212,23 @@ def main(argv=None) -> None:
     from tests.hf_reference import params_from_hf, random_hf_weights, reference_model
 
     torch.set_num_threads(args.threads)
+    baseline = import_baseline(args.baseline) if args.baseline else None
     bw, read_bw = copy_bandwidth(), read_bandwidth()
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs, torch threads {args.threads}")
-    print(f"bluelm-jax layout {args.layout}; copy bandwidth {bw / 1e9:.1f} GB/s, read bandwidth "
-          f"{read_bw / 1e9:.1f} GB/s; prompt {PROMPT_LEN} tokens; {args.new_tokens} new tokens; "
-          f"median of {args.repeats}")
-    header = (f"{'shape':<7} {'params':>7} {'batch':>5} | {'jax tok/s':>9} {'hf tok/s':>9} {'ratio':>6} | "
-              f"{'copy-roof tok/s':>15} {'jax %':>6} {'hf %':>6} | {'read-roof tok/s':>15} {'jax %':>6} {'hf %':>6}")
-    rows = []
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s, read bandwidth {read_bw / 1e9:.1f} GB/s; prompt {PROMPT_LEN} "
+          f"tokens; {args.new_tokens} new tokens; median of {args.repeats}"
+          + (f"; baseline {args.baseline}" if baseline else ""))
+    columns = ["jax tok/s"] + (["base tok/s", "new/base"] if baseline else []) + \
+              ([] if args.skip_reference else ["hf tok/s", "jax/hf"])
+    header = (f"{'shape':<7} {'params':>7} {'batch':>5} | " + " ".join(f"{c:>10}" for c in columns) +
+              f" | {'copy-roof tok/s':>15} {'jax %':>6} | {'read-roof tok/s':>15} {'jax %':>6}")
+    print(header, flush=True)
     for name in args.shapes:
         config = SHAPES[name]
         weights = random_hf_weights(config, seed=0)
-        params = params_from_hf(config, weights)
-        model = _Model(config, unstack_layers(params) if args.layout == "per-layer" else params)
-        del params
-        ref = reference_model(config, weights)
+        model = _Model(config, params_from_hf(config, weights))
+        ref = None if args.skip_reference else reference_model(config, weights)
         del weights
         step_bytes = bytes_per_step(config)
         roof_steps = bw / step_bytes  # steps per second at the copy-bandwidth bound
@@ -177,14 +236,21 @@ def main(argv=None) -> None:
         rng = np.random.default_rng(0)
         for batch in args.batches:
             prompts = rng.integers(4, config.vocab_size, (batch, PROMPT_LEN)).tolist()
-            ours, theirs = compare(ours_runner(model, prompts, args.new_tokens),
-                                   reference_runner(ref, prompts, args.new_tokens), args.repeats)
-            rows.append(f"{name:<7} {config.num_parameters() / 1e6:>6.0f}M {batch:>5} | "
-                        f"{batch / ours:>9.1f} {batch / theirs:>9.1f} {theirs / ours:>5.2f}x | "
-                        f"{batch * roof_steps:>15.1f} {100 / ours / roof_steps:>5.0f}% {100 / theirs / roof_steps:>5.0f}% | "
-                        f"{batch * read_roof_steps:>15.1f} {100 / ours / read_roof_steps:>5.0f}% "
-                        f"{100 / theirs / read_roof_steps:>5.0f}%")
-            print(rows[-1] if len(rows) > 1 else header + "\n" + rows[-1], flush=True)
+            runners = [ours_runner(model, prompts, args.new_tokens)]
+            if baseline:
+                runners.append(baseline_runner(baseline, model, prompts, args.new_tokens))
+            if ref is not None:
+                runners.append(reference_runner(ref, prompts, args.new_tokens))
+            seconds = compare(runners, args.repeats)
+            ours = seconds[0]
+            values = [f"{batch / ours:>10.1f}"]
+            if baseline:
+                values += [f"{batch / seconds[1]:>10.1f}", f"{seconds[1] / ours:>9.3f}x"]
+            if ref is not None:
+                values += [f"{batch / seconds[-1]:>10.1f}", f"{seconds[-1] / ours:>9.2f}x"]
+            print(f"{name:<7} {config.num_parameters() / 1e6:>6.0f}M {batch:>5} | " + " ".join(values) +
+                  f" | {batch * roof_steps:>15.1f} {100 / ours / roof_steps:>5.0f}% | "
+                  f"{batch * read_roof_steps:>15.1f} {100 / ours / read_roof_steps:>5.0f}%", flush=True)
         del model, ref
 
 
