@@ -17,6 +17,11 @@ command exits 1 with one line on stderr.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C and SIGTERM taken over before the heavy imports (bluelm_jax/interrupts.py)
+    from bluelm_jax import interrupts
+
+    interrupts.install()
+
 import argparse
 import json
 import os
