@@ -14,7 +14,7 @@ Every Orbax call here runs under `finishing_orbax_tasks()`: Orbax runs each call
 asyncio loop, and when one read of an `asyncio.gather` fails (a damaged checkpoint) it
 closes that loop with the other reads still running; TensorStore then calls back into the
 closed loop ("Event loop is closed", "Task exception was never retrieved"). The loops made
-under `finishing_orbax_tasks()` cancel and finish their remaining tasks before closing.
+under `finishing_orbax_tasks()` let their remaining tasks end before closing.
 """
 
 from __future__ import annotations
@@ -60,16 +60,28 @@ class CheckpointError(ValueError):
 # ------------------------------------------------------------------ Orbax's event loops
 
 
+ORBAX_TASKS_WAIT_S = 60.0  # how long a closing loop lets its unfinished tasks run before cancelling them
+
+
 class _TaskFinishingEventLoop(asyncio.SelectorEventLoop):
-    """An event loop that, when closed, first cancels its unfinished tasks and lets them end."""
+    """An event loop that, when closed, first lets its unfinished tasks end.
+
+    They run to their end (a cancelled task would leave its TensorStore operation running, whose
+    callback then finds the loop closed); those still running after ORBAX_TASKS_WAIT_S are cancelled."""
 
     def close(self) -> None:
         if not self.is_closed() and not self.is_running():
             pending = [task for task in asyncio.all_tasks(self) if not task.done()]
-            for task in pending:
+            if pending:
+                self.run_until_complete(asyncio.wait(pending, timeout=ORBAX_TASKS_WAIT_S))
+            late = [task for task in pending if not task.done()]
+            for task in late:
                 task.cancel()
-            if pending:  # their TensorStore callbacks land in this loop while it still runs
-                self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            if late:
+                self.run_until_complete(asyncio.gather(*late, return_exceptions=True))
+            for task in pending:  # retrieved: no "Task exception was never retrieved" when they are collected
+                if not task.cancelled():
+                    task.exception()
         super().close()
 
 
