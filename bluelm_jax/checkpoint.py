@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import re
+import time
 from typing import Any, Iterable, Iterator, Union
 
 import jax
@@ -67,22 +68,43 @@ class _TaskFinishingEventLoop(asyncio.SelectorEventLoop):
     """An event loop that, when closed, first lets its unfinished tasks end.
 
     They run to their end (a cancelled task would leave its TensorStore operation running, whose
-    callback then finds the loop closed); those still running after ORBAX_TASKS_WAIT_S are cancelled."""
+    callback then finds the loop closed); those still running after ORBAX_TASKS_WAIT_S are
+    cancelled. Their exceptions, and that of a main task that run_until_complete raised, count as
+    retrieved: the error that ended the call is already on its way up."""
+
+    def run_until_complete(self, future):
+        task = asyncio.ensure_future(future, loop=self)
+        try:
+            return super().run_until_complete(task)
+        except BaseException:
+            if task.done() and not task.cancelled():
+                task.exception()  # raised here (an interrupt, say): retrieved, so never logged as lost
+            raise
 
     def close(self) -> None:
         if not self.is_closed() and not self.is_running():
-            pending = [task for task in asyncio.all_tasks(self) if not task.done()]
-            if pending:
-                self.run_until_complete(asyncio.wait(pending, timeout=ORBAX_TASKS_WAIT_S))
-            late = [task for task in pending if not task.done()]
-            for task in late:
-                task.cancel()
-            if late:
-                self.run_until_complete(asyncio.gather(*late, return_exceptions=True))
-            for task in pending:  # retrieved: no "Task exception was never retrieved" when they are collected
-                if not task.cancelled():
-                    task.exception()
+            self._finish_tasks()
         super().close()
+
+    def _finish_tasks(self) -> None:
+        deadline = time.monotonic() + ORBAX_TASKS_WAIT_S
+        finished: set = set()
+        while True:
+            unfinished = [task for task in asyncio.all_tasks(self) if not task.done()]
+            if not unfinished:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                for task in unfinished:
+                    task.cancel()
+            finished.update(unfinished)
+            try:
+                super().run_until_complete(asyncio.wait(unfinished, timeout=left if left > 0 else None))
+            except BaseException:  # noqa: BLE001 - a task ended by an interrupt re-raises it here
+                pass
+        for task in finished:
+            if task.done() and not task.cancelled():
+                task.exception()
 
 
 class _TaskFinishingPolicy(asyncio.DefaultEventLoopPolicy):
