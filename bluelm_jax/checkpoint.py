@@ -9,21 +9,32 @@ Restoring always goes against an abstract tree of `jax.ShapeDtypeStruct`s that c
 sharding, so that with a mesh's NamedShardings every device reads only its own shard.
 Saving from a stream (`save_params_streaming`) writes block by block into the Orbax
 arrays, so that a checkpoint larger than memory never has to be held at once.
+
+Every Orbax call here runs under `finishing_orbax_tasks()`: Orbax runs each call in a fresh
+asyncio loop, and when one read of an `asyncio.gather` fails (a damaged checkpoint) it
+closes that loop with the other reads still running; TensorStore then calls back into the
+closed loop ("Event loop is closed", "Task exception was never retrieved"). The loops made
+under `finishing_orbax_tasks()` let their remaining tasks end before closing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import os
-from typing import Any, Iterable, Union
+import re
+import time
+from typing import Any, Iterable, Iterator, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+from etils import epath
 from orbax.checkpoint import type_handlers
 
 from bluelm_jax.config import BlueLMConfig
@@ -45,6 +56,89 @@ Shardings = Union[None, jax.sharding.Sharding, dict]
 
 class CheckpointError(ValueError):
     """A directory that is not a readable bluelm-jax checkpoint; the message is one line."""
+
+
+# ------------------------------------------------------------------ Orbax's event loops
+
+
+ORBAX_TASKS_WAIT_S = 60.0  # how long a closing loop lets its unfinished tasks run before cancelling them
+
+
+class _TaskFinishingEventLoop(asyncio.SelectorEventLoop):
+    """An event loop that, when closed, first lets its unfinished tasks end.
+
+    They run to their end (a cancelled task would leave its TensorStore operation running, whose
+    callback then finds the loop closed); those still running after ORBAX_TASKS_WAIT_S are
+    cancelled. Their exceptions, and that of a main task that run_until_complete raised, count as
+    retrieved: the error that ended the call is already on its way up."""
+
+    def run_until_complete(self, future):
+        task = asyncio.ensure_future(future, loop=self)
+        try:
+            return super().run_until_complete(task)
+        except BaseException:
+            if task.done() and not task.cancelled():
+                task.exception()  # raised here (an interrupt, say): retrieved, so never logged as lost
+            raise
+
+    def close(self) -> None:
+        if not self.is_closed() and not self.is_running():
+            self._finish_tasks()
+        super().close()
+
+    def _finish_tasks(self) -> None:
+        deadline = time.monotonic() + ORBAX_TASKS_WAIT_S
+        finished: set = set()
+        while True:
+            unfinished = [task for task in asyncio.all_tasks(self) if not task.done()]
+            if not unfinished:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                for task in unfinished:
+                    task.cancel()
+            finished.update(unfinished)
+            try:
+                super().run_until_complete(asyncio.wait(unfinished, timeout=left if left > 0 else None))
+            except BaseException:  # noqa: BLE001 - a task ended by an interrupt re-raises it here
+                pass
+        for task in finished:
+            if task.done() and not task.cancelled():
+                task.exception()
+
+
+class _TaskFinishingPolicy(asyncio.DefaultEventLoopPolicy):
+    _loop_factory = _TaskFinishingEventLoop
+
+
+@contextlib.contextmanager
+def finishing_orbax_tasks() -> Iterator[None]:
+    """Within the block, new asyncio event loops (those Orbax makes for each call) finish their
+    tasks before they close. Nested blocks are fine."""
+    previous = asyncio.get_event_loop_policy()
+    if isinstance(previous, _TaskFinishingPolicy):
+        yield
+        return
+    asyncio.set_event_loop_policy(_TaskFinishingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
+
+
+def root_cause(error: BaseException, limit: int = 200) -> str:
+    """The message of the innermost cause of `error` (TensorStore's reason rather than Orbax's dump
+    of the whole TensorStore spec), on one line, without a status code, at most `limit` characters."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return re.sub(r"^[A-Z_]+: ", "", " ".join(str(error).split()))[:limit] or type(error).__name__
+
+
+def damaged(directory: str, error: BaseException) -> CheckpointError:
+    """The one-line error for a checkpoint whose Orbax data cannot be read: its reason and the remedy."""
+    reason = root_cause(error)
+    return CheckpointError(f"{directory}: the checkpoint is damaged ({reason}); convert it again "
+                           f"(python -m convert.hf_to_flax --hf-dir HF_DIR --out {directory} --force)")
 
 
 def dtype_name(dtype: Any) -> str:
@@ -124,9 +218,10 @@ def abstract_params(config: BlueLMConfig, dtype: Any, shardings: Shardings = Non
 def _check_stored_shapes(params_dir: str, config: BlueLMConfig) -> None:
     """The stored leaves must be exactly those of `config`; raises CheckpointError naming the first mismatch."""
     try:
-        stored = ocp.PyTreeCheckpointer().metadata(params_dir).item_metadata.tree
+        with finishing_orbax_tasks(), contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
+            stored = handler.metadata(epath.Path(params_dir)).tree  # raises, unlike Checkpointer.metadata
     except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged directory
-        raise CheckpointError(f"{params_dir}: cannot read the Orbax checkpoint ({type(e).__name__}: {e})") from None
+        raise damaged(os.path.dirname(params_dir), e) from None
     expected = dict(flatten(param_shapes(config)))
     got = {}
     for path, leaf in flatten(_as_dict(stored)):
@@ -164,8 +259,11 @@ def restore_params(directory: str | os.PathLike, config: BlueLMConfig, dtype: An
     _check_stored_shapes(params_dir, config)
     target = abstract_params(config, dtype or meta["param_dtype"], shardings)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+    try:
+        with finishing_orbax_tasks(), ocp.PyTreeCheckpointer() as ckptr:
+            return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+    except Exception as e:  # noqa: BLE001 - TensorStore reports a damaged file as one of many types
+        raise damaged(directory, e) from None
 
 
 # ------------------------------------------------------------------ save
@@ -173,7 +271,7 @@ def restore_params(directory: str | os.PathLike, config: BlueLMConfig, dtype: An
 
 def save_params(params_dir: str | os.PathLike, params: dict) -> None:
     """Saves an in-memory parameter tree (jax or numpy arrays) to a new Orbax directory."""
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with finishing_orbax_tasks(), ocp.PyTreeCheckpointer() as ckptr:
         ckptr.save(os.path.abspath(params_dir), params)
 
 
@@ -262,5 +360,5 @@ def save_params_streaming(params_dir: str | os.PathLike, leaves: dict[PathT, Lea
     save_args = jax.tree.map(lambda _: type_handlers.SaveArgs(chunk_byte_size=CHUNK_BYTES), tree,
                              is_leaf=lambda x: isinstance(x, _StreamedLeaf))
     handler_impl = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
-    with ocp.Checkpointer(handler_impl) as ckptr:
+    with finishing_orbax_tasks(), ocp.Checkpointer(handler_impl) as ckptr:
         ckptr.save(os.path.abspath(params_dir), args=ocp.args.PyTreeSave(tree, save_args=save_args))

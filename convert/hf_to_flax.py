@@ -16,6 +16,11 @@ needs it beside the weights.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C and SIGTERM taken over before the heavy imports (bluelm_jax/interrupts.py)
+    from bluelm_jax import interrupts
+
+    interrupts.install()
+
 import argparse
 import dataclasses
 import os
@@ -27,7 +32,7 @@ from typing import Any, Iterator, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from bluelm_jax import checkpoint, hub
+from bluelm_jax import checkpoint, hub, interrupts
 from bluelm_jax.atomic_dir import atomic_directory, refuse_existing, refuse_overlap
 from bluelm_jax.command_line import run_reporting_errors, use_cpu_quietly
 from bluelm_jax.config import BlueLMConfig, ConfigError
@@ -142,6 +147,7 @@ def converted_blocks(ckpt: HFCheckpoint, expected: dict[str, HFTensor], specs: d
             yield t.path, index, value
             if progress is not None:
                 progress.update(value.nbytes)
+            interrupts.check()
         del src
 
 
@@ -230,9 +236,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     use_cpu_quietly()  # conversion never needs an accelerator
     known = (ConversionError, CheckpointFormatError, ConfigError, checkpoint.CheckpointError, hub.HubError, OSError)
-    return run_reporting_errors(
-        lambda: convert_hf_to_flax(args.hf_dir, args.out, args.dtype, args.force, progress=not args.no_progress).line(),
-        known)
+
+    def convert() -> str:
+        with interrupts.deferred():  # raised between blocks: the writers finish, the output is removed
+            return convert_hf_to_flax(args.hf_dir, args.out, args.dtype, args.force,
+                                      progress=not args.no_progress).line()
+
+    return run_reporting_errors(convert, known)
 
 
 if __name__ == "__main__":
