@@ -13,7 +13,7 @@ import numpy as np
 from bluelm_jax import checkpoint, hub
 from bluelm_jax.config import BlueLMConfig
 from bluelm_jax.model import forward
-from bluelm_jax.params import flatten, set_path, unstack_layers
+from bluelm_jax.params import flatten, set_path
 
 TokenIds = Union[Sequence[Sequence[int]], np.ndarray, jax.Array]
 
@@ -89,9 +89,11 @@ def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
     (first device), one Sharding, or a tree of Shardings shaped like the parameters.
     mesh: a jax.sharding.Mesh (e.g. `sharding.make_mesh("data=2,tensor=4")`): the parameters are
     restored straight into the shards of `sharding.param_spec` (replaces `shardings`).
-    per_layer: hold the layers as a list of per-layer weights (`params.unstack_layers`), the
-    fastest layout for inference on one device; training, sharding and export need the
-    default stacked layout.
+    per_layer: hold the layers as a list of per-layer weights (`params.unstack_layers`' layout,
+    read straight from the stored layers, never stacked in memory), the fastest layout for
+    inference on one device; training, sharding and export need the default stacked layout.
+    Host memory peaks at about the parameters' bytes plus a few read blocks: leaves are read
+    one at a time into their shards (see `checkpoint.read_leaf`).
     """
     path = hub.resolve(path)
     if not os.path.isdir(path):
@@ -108,22 +110,31 @@ def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
 
         shardings = sharding.param_shardings(config, mesh)
     if checkpoint.is_converted_dir(path):
-        params = checkpoint.restore_params(path, config, dtype, shardings)
+        params = checkpoint.restore_params(path, config, dtype, shardings, per_layer)
     else:
-        params = _load_hf(path, config, dtype, shardings)
-    if per_layer:
-        params = unstack_layers(params)
+        params = _load_hf(path, config, dtype, shardings, per_layer)
     compute = jnp.dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype()
     return BlueLM(config, tokenizer, params, compute, path, mesh)
 
 
-def _load_hf(path: str, config: BlueLMConfig, dtype: Any, shardings: checkpoint.Shardings) -> dict:
-    """Reads a Hugging Face dir into memory, then places leaf by leaf (freeing each host copy)."""
+def _load_hf(path: str, config: BlueLMConfig, dtype: Any, shardings: checkpoint.Shardings,
+             per_layer: bool) -> dict:
+    """Reads a Hugging Face dir into host memory, then places leaf by leaf, freeing each host copy.
+
+    On a CPU device the aligned host arrays become the device buffers (no copy).
+    """
     from convert.hf_to_flax import load_hf_params
 
-    host = load_hf_params(path, config, None if dtype is None else checkpoint.dtype_name(dtype))
+    host = load_hf_params(path, config, None if dtype is None else checkpoint.dtype_name(dtype), per_layer)
     abstract = checkpoint.abstract_params(config, host["embed_tokens"].dtype, shardings)
     params: dict = {}
+    if per_layer:
+        host_layers = host.pop("layers")
+        params["layers"] = [{} for _ in host_layers]
+        for name, target in abstract.pop("layers").items():
+            sharding = checkpoint.layer_sharding(target.sharding)
+            for layer, placed in zip(host_layers, params["layers"]):
+                placed[name] = jax.device_put(layer.pop(name), sharding)
     for leaf_path, target in list(flatten(abstract)):
         parent = host
         for key in leaf_path[:-1]:

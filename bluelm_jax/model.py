@@ -3,7 +3,9 @@
 BlueLM is LLaMA plus a LayerNorm on the token embeddings. Layers are stacked on a leading
 axis of every per-layer weight (see params.py) and run with `lax.scan`, so the compiled
 program has one layer body whatever the depth. Norms, softmax and logits are float32;
-matrix products run in `compute_dtype` (float32 on CPU, bfloat16 on GPU/TPU).
+matrix products run in `compute_dtype` (float32 on CPU, bfloat16 on GPU/TPU), except that
+bfloat16 weights with float32 compute on CPU use a bfloat16 dot with a float32 result
+(`_bf16_weight_matmul`) and are never converted to float32.
 
 `params["layers"]` may also be a list of per-layer dicts (`params.unstack_layers`): the
 layers are then unrolled, each weight its own buffer. That is the fastest layout for
@@ -16,6 +18,7 @@ different lengths are left-padded, and `start[b]` is the first real slot of row 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import jax
@@ -79,8 +82,36 @@ class Adapters(NamedTuple):
         return jnp.where(keep, h / (1.0 - self.dropout), 0).astype(h.dtype)
 
 
-def _matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
-    return jnp.matmul(x.astype(dtype), w.astype(dtype))
+CPU_BF16_ROW_MULTIPLE = 8  # XLA's CPU bfloat16 dot is ~3x faster on 8 rows than on 1
+
+
+def _matmul(x: jax.Array, w: jax.Array, dtype, result_dtype=None) -> jax.Array:
+    """x [..., in] times w [in, out] in `dtype` (result in `result_dtype`, default `dtype`), except bfloat16 weights with float32 compute on CPU.
+
+    Those go through `_bf16_weight_matmul`: converting the weight to float32 inside the
+    program would run an unfused convert of every weight at every step (and XLA may hoist
+    it out of a decode loop into a float32 copy of all weights).
+    """
+    if w.dtype == jnp.bfloat16 and jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu":
+        return _bf16_weight_matmul(x, w)
+    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=result_dtype)
+
+
+def _bf16_weight_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] float32 times a bfloat16 weight [in, out] on CPU: a bfloat16 dot, float32 result.
+
+    The rows of x are rounded to bfloat16 and padded to a multiple of CPU_BF16_ROW_MULTIPLE.
+    Measured on this project's machine for one [4096, 11008] weight, 1 row: this 56-70 ms,
+    the plain bfloat16 dot 200 ms, convert-then-float32-dot 193 ms (8 rows: 56-71 / 71 / 316);
+    it stays ahead at 64 and 256 rows (prefill).
+    """
+    lead, rows = x.shape[:-1], math.prod(x.shape[:-1])
+    x2 = x.reshape(rows, x.shape[-1]).astype(jnp.bfloat16)  # [rows, in]
+    pad = -rows % CPU_BF16_ROW_MULTIPLE
+    if pad:
+        x2 = jnp.pad(x2, ((0, pad), (0, 0)))  # [rows + pad, in]
+    y = jnp.matmul(x2, w, preferred_element_type=jnp.float32)[:rows]  # [rows, out]
+    return y.reshape(*lead, w.shape[-1])
 
 
 def forward(params: dict, tokens: jax.Array, positions: jax.Array, config: BlueLMConfig,
@@ -168,7 +199,7 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, config: BlueL
     if last_only:
         x = x[:, -1:]
     x = rms_norm(x, params["norm"], c.rms_norm_eps).astype(compute_dtype)
-    logits = jnp.matmul(x, params["lm_head"].astype(compute_dtype), preferred_element_type=jnp.float32)
+    logits = _matmul(x, params["lm_head"], compute_dtype, result_dtype=jnp.float32)
     logits = constrain(logits, "logits")  # [batch, seq, vocab]: rows on data, vocabulary on tensor
     new_cache = None if cache is None else KVCache(kv[0], kv[1], index + seq, start)
     return logits, new_cache

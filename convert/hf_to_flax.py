@@ -36,7 +36,8 @@ from bluelm_jax import checkpoint, hub, interrupts
 from bluelm_jax.atomic_dir import atomic_directory, refuse_existing, refuse_overlap
 from bluelm_jax.command_line import run_reporting_errors, use_cpu_quietly
 from bluelm_jax.config import BlueLMConfig, ConfigError
-from bluelm_jax.params import IGNORED_HF_TENSORS, HFTensor, PathT, flatten, hf_tensors, param_shapes, set_path
+from bluelm_jax.params import (IGNORED_HF_TENSORS, HFTensor, PathT, flatten, get_path, hf_tensors, param_shapes,
+                               set_path)
 from convert.hf_reader import CheckpointFormatError, HFCheckpoint
 
 BLOCK_BYTES = 64 * 1024 * 1024  # largest block of a non-layer leaf written at once
@@ -151,17 +152,31 @@ def converted_blocks(ckpt: HFCheckpoint, expected: dict[str, HFTensor], specs: d
         del src
 
 
-def load_hf_params(hf_dir: str | os.PathLike, config: BlueLMConfig, dtype: Optional[str] = None) -> dict:
-    """Reads a Hugging Face checkpoint into a parameter tree of numpy arrays (in memory)."""
+def load_hf_params(hf_dir: str | os.PathLike, config: BlueLMConfig, dtype: Optional[str] = None,
+                   per_layer: bool = False) -> dict:
+    """Reads a Hugging Face checkpoint into a parameter tree of numpy arrays (in memory).
+
+    The arrays are allocated once, aligned (`checkpoint.aligned_empty`, so that jax adopts
+    them on CPU without a copy), and filled block by block from the memory-mapped tensors.
+    per_layer: the layers as a list of per-layer dicts (`params.unstack_layers`' layout).
+    """
     ckpt = HFCheckpoint(hf_dir)
     expected = check_tensors(ckpt, config)
     specs = leaf_specs(config, resolve_dtype(dtype, ckpt))
-    out = {path: np.empty(s.shape, s.dtype) for path, s in specs.items()}
-    for path, index, value in converted_blocks(ckpt, expected, specs):
-        out[path][index] = value
+    checkpoint.return_large_frees_to_the_os()
     tree: dict = {}
-    for path, array in out.items():
-        set_path(tree, path, array)
+    if per_layer:
+        tree["layers"] = [{path[1]: checkpoint.aligned_empty(s.shape[1:], s.dtype) for path, s in specs.items()
+                           if path[0] == "layers"} for _ in range(config.num_hidden_layers)]
+    for path, s in specs.items():
+        if not (per_layer and path[0] == "layers"):
+            set_path(tree, path, checkpoint.aligned_empty(s.shape, s.dtype))
+    for path, index, value in converted_blocks(ckpt, expected, specs):
+        if per_layer and path[0] == "layers":
+            (layer,) = index
+            tree["layers"][layer][path[1]][...] = value
+        else:
+            get_path(tree, path)[index] = value
     return tree
 
 
