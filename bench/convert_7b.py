@@ -29,16 +29,16 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bluelm_jax.config import preset  # noqa: E402
+from bluelm_jax.config import BlueLMConfig, preset  # noqa: E402
 from bluelm_jax.params import hf_tensors  # noqa: E402
 
 TARGET_RSS_GB = 3.0
 POOL_ELEMENTS = 64 * 1024 * 1024  # 128 MB of bfloat16 random values, reused with shifting offsets
 
 
-def write_random_checkpoint(directory: str, shards: int, seed: int = 0) -> int:
-    """Writes a random bfloat16 BlueLM-7B checkpoint in Hugging Face layout; returns its bytes."""
-    config = preset("bluelm-7b-base")
+def write_random_checkpoint(directory: str, shards: int, seed: int = 0, config: BlueLMConfig | None = None) -> int:
+    """Writes a random bfloat16 checkpoint (default: BlueLM-7B's shape) in Hugging Face layout; returns its bytes."""
+    config = config or preset("bluelm-7b-base")
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config.to_hf_dict(), f, indent=2)

@@ -1,10 +1,12 @@
 """Compile time and compiled memory of a 7B-shaped full fine-tuning step: unrolled vs scanned layers.
 
     python bench/train_compile.py [--seq 256] [--batch 1] [--remat both|on|off] [--layouts unrolled scanned]
+                                  [--max-grad-norm 1.0]
 
 The step is lowered from abstract shapes (jax.ShapeDtypeStruct: no weight is ever
 allocated) and compiled for the local backend: the loss (train.masked_cross_entropy), its
-gradient, and the project's optimizer (train.make_optimizer: clipping, AdamW), the
+gradient, and the project's optimizer (train.make_optimizer: clipping by the global
+gradient norm unless --max-grad-norm 0, AdamW), the
 parameters and the optimizer state donated, float32 master weights and products.
 
     unrolled   the module tree as it is: one buffer per layer and weight (model.forward)
@@ -74,9 +76,9 @@ def abstract_tree(config: BlueLMConfig, layout: str) -> dict:
     return params
 
 
-def measure(config: BlueLMConfig, layout: str, remat: bool, batch: int, seq: int) -> dict:
+def measure(config: BlueLMConfig, layout: str, remat: bool, batch: int, seq: int, max_grad_norm: float) -> dict:
     logits_fn = unrolled_logits if layout == "unrolled" else scanned_logits
-    tx = T.make_optimizer(T.TrainConfig(max_steps=10, weight_decay=0.01))
+    tx = T.make_optimizer(T.TrainConfig(max_steps=10, weight_decay=0.01, max_grad_norm=max_grad_norm))
 
     def step(params, opt_state, tokens, targets):
         def loss(p):
@@ -107,17 +109,18 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--remat", choices=("both", "on", "off"), default="both")
     parser.add_argument("--layouts", nargs="+", choices=("unrolled", "scanned"), default=["unrolled", "scanned"])
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="0: no clipping")
     args = parser.parse_args(argv)
     config = preset(args.config)
     remats = {"both": (True, False), "on": (True,), "off": (False,)}[args.remat]
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), {os.cpu_count()} CPUs; {args.config}: "
           f"{config.num_parameters() / 1e9:.2f}B parameters, {config.num_hidden_layers} layers; "
-          f"batch {args.batch} x {args.seq} tokens; float32")
+          f"batch {args.batch} x {args.seq} tokens; float32; max_grad_norm {args.max_grad_norm}")
     print(f"{'layout':<9} {'remat':<5} | {'lower s':>7} {'compile s':>9} | {'args GiB':>8} {'temp GiB':>8} "
           f"{'peak GiB':>8}", flush=True)
     for remat in remats:
         for layout in args.layouts:
-            r = measure(config, layout, remat, args.batch, args.seq)
+            r = measure(config, layout, remat, args.batch, args.seq, args.max_grad_norm)
             print(f"{layout:<9} {'on' if remat else 'off':<5} | {r['lower_s']:>7.1f} {r['compile_s']:>9.1f} | "
                   f"{r['arguments']:>8.2f} {r['temporaries']:>8.2f} {r['peak']:>8.2f}", flush=True)
 

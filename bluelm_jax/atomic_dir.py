@@ -6,6 +6,14 @@
 On success tmp becomes out_dir (an existing out_dir, allowed by `force`, is replaced only
 then); on any exception tmp is removed and out_dir is left as it was. tmp, hence out_dir,
 gets the mode of any directory the user makes (0777 less the umask), not mkdtemp's 0700.
+
+tmp is named `.<name of out_dir>.tmp-XXXX` and holds, while it is written, a file
+`.writer-pid` with the id of the writing process. A process killed outright (SIGKILL, a
+crash) cannot remove its tmp, so before writing, `atomic_directory` removes every such
+sibling whose writer is no longer running (one line on stderr for each); the tmp of a
+conversion still running is kept. The tmp directories of the blocks still open are listed
+for `remove_unfinished`, which the signal watcher (interrupts.py) calls before it ends the
+process.
 """
 
 from __future__ import annotations
@@ -14,9 +22,15 @@ import contextlib
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
+
+WRITER_FILE = ".writer-pid"  # inside a tmp directory: the id of the process writing it
+OWNERLESS_AGE_S = 60.0  # a tmp without WRITER_FILE (killed before writing it) is stale after this
+
+_unfinished: set[str] = set()  # tmp directories of the atomic_directory blocks now open
 
 
 def refuse_existing(out_dir: str, force: bool, exists_error: Callable[[str], Exception] = FileExistsError) -> None:
@@ -46,16 +60,86 @@ def atomic_directory(out_dir: str | os.PathLike, force: bool = False,
                      exists_error: Callable[[str], Exception] = FileExistsError) -> Iterator[str]:
     """Yields a new temporary directory beside out_dir that replaces out_dir when the block succeeds."""
     out_dir = os.path.abspath(os.fspath(out_dir))
+    remove_stale_temporaries(out_dir)
     refuse_existing(out_dir, force, exists_error)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = make_unique_dir(parent, f".{os.path.basename(out_dir)}.tmp-")
+    tmp = make_unique_dir(parent, _tmp_prefix(out_dir))
+    _unfinished.add(tmp)
     try:
+        with open(os.path.join(tmp, WRITER_FILE), "w", encoding="ascii") as f:
+            f.write(f"{os.getpid()}\n")
         yield tmp
+        os.remove(os.path.join(tmp, WRITER_FILE))
         _replace(tmp, out_dir)
     except BaseException:
         remove_tree(tmp)
         raise
+    finally:
+        _unfinished.discard(tmp)
+
+
+def _tmp_prefix(out_dir: str) -> str:
+    return f".{os.path.basename(out_dir)}.tmp-"
+
+
+def remove_unfinished() -> None:
+    """Removes the tmp directories of the atomic_directory blocks still open (the process is ending)."""
+    for tmp in list(_unfinished):
+        remove_tree(tmp)
+
+
+def writer_pid(tmp: str) -> Optional[int]:
+    """The process id recorded in a tmp directory, or None when there is none (or it is unreadable)."""
+    try:
+        with open(os.path.join(tmp, WRITER_FILE), encoding="ascii") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def is_running(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _is_stale(tmp: str) -> bool:
+    pid = writer_pid(tmp)
+    if pid is None:
+        try:
+            return time.time() - os.path.getmtime(tmp) > OWNERLESS_AGE_S
+        except OSError:
+            return False
+    return pid != os.getpid() and not is_running(pid)
+
+
+def remove_stale_temporaries(out_dir: str) -> list[str]:
+    """Removes the tmp siblings of out_dir left by writers no longer running; returns their paths.
+
+    Each removal is reported on stderr in one line."""
+    parent, prefix = os.path.dirname(out_dir), _tmp_prefix(out_dir)
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    removed = []
+    for name in sorted(names):
+        tmp = os.path.join(parent, name)
+        if not name.startswith(prefix) or os.path.islink(tmp) or not os.path.isdir(tmp) or not _is_stale(tmp):
+            continue
+        pid = writer_pid(tmp)
+        remove_tree(tmp)
+        if not os.path.lexists(tmp):
+            removed.append(tmp)
+            who = f"process {pid}, no longer running" if pid is not None else "a process that ended early"
+            print(f"removed the unfinished temporary directory {tmp} (left by {who})", file=sys.stderr)
+    return removed
 
 
 def make_unique_dir(parent: str, prefix: str, attempts: int = 100) -> str:

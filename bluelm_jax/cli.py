@@ -15,6 +15,7 @@ import argparse
 import importlib
 import json
 import math
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -277,20 +278,24 @@ def _chat(model, args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from bluelm_jax import interrupts
+
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in OTHER_COMMANDS:  # commands that live in their own modules
         module = importlib.import_module(OTHER_COMMANDS[argv[0]][0])
         return module.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    interrupts.set_prefix(f"{parser.prog} {args.command}")
     try:
         return args.run(args)
     except UsageError as e:
         print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # without interrupts.install (called in-process)
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"{parser.prog} {args.command}: {interrupts.describe(signum)}", file=sys.stderr)
+        return interrupts.exit_status(signum)
     except BrokenPipeError:
         return EXIT_ERROR
     except Exception as e:  # one clear line, not a traceback

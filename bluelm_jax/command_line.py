@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Callable, Optional
+
+from bluelm_jax import interrupts
 
 
 def use_cpu_quietly() -> None:
@@ -22,17 +25,20 @@ def one_line(e: BaseException) -> str:
 
 
 def run_reporting_errors(action: Callable[[], Optional[str]], known: tuple[type[BaseException], ...],
-                         interrupted: str = "interrupted", on_error: Optional[Callable[[], None]] = None) -> int:
-    """Runs action, prints its success line: 0; `error: ...` on stderr: 1 (130 when interrupted).
+                         on_error: Optional[Callable[[], None]] = None) -> int:
+    """Runs action, prints its success line: 0; `error: ...` on stderr: 1 (130 when interrupted,
+    143 when terminated: see interrupts.py).
 
     Errors of the `known` types are reported by their message, others as an internal error;
     on_error runs first on any error but an interrupt.
     """
     try:
         message = action()
-    except KeyboardInterrupt:
-        print(f"error: {interrupted}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)  # interrupts.Interrupted, or Python's own
+        print(f"error: {interrupts.describe(signum)}", file=sys.stderr, flush=True)
+        interrupts.reported()
+        return interrupts.exit_status(signum)
     except Exception as e:  # noqa: BLE001 - one line, never a traceback
         if on_error is not None:
             on_error()

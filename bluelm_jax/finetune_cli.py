@@ -12,6 +12,7 @@ import shutil
 import sys
 from typing import Optional
 
+from bluelm_jax import interrupts
 from bluelm_jax.command_line import run_reporting_errors
 
 
@@ -99,18 +100,39 @@ def config_from_args(args):
         skip_bad_lines=args.skip_bad_lines, mesh=mesh)
 
 
+def latest_checkpoint_step(out: str) -> Optional[int]:
+    """The step of the newest finished checkpoint under <out>/checkpoints, or None."""
+    try:
+        names = os.listdir(os.path.join(out, "checkpoints"))
+    except OSError:
+        return None
+    steps = [int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(out, "checkpoints", n))]
+    return max(steps, default=None)
+
+
+def resume_hint(out: str, resume: bool) -> str:
+    """Where an interrupted run of this command continues: the latest checkpoint's step, or step 0."""
+    step = latest_checkpoint_step(out)
+    if step is None:
+        return "no checkpoint was saved yet: the same command starts again from step 0"
+    if not resume:
+        return f"run it without --no-resume to resume from step {step} ({os.path.join(out, 'checkpoints', str(step))})"
+    return f"run the same command again to resume from step {step} ({os.path.join(out, 'checkpoints', str(step))})"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     out = os.path.abspath(args.out)
     existed = os.path.exists(out)
+    interrupts.set_prefix(parser.prog)
+    interrupts.set_hint(lambda: resume_hint(out, not args.no_resume))
 
     def discard_new_output() -> None:
         if not existed and os.path.isdir(out) and not os.path.isdir(os.path.join(out, "checkpoints")):
             shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping
 
-    return run_reporting_errors(lambda: _run(args, out), (ValueError, OSError),
-                                interrupted="interrupted (resume by running the same command again)",
-                                on_error=discard_new_output)
+    return run_reporting_errors(lambda: _run(args, out), (ValueError, OSError), on_error=discard_new_output)
 
 
 def _run(args, out: str) -> str:
@@ -155,4 +177,5 @@ def _run(args, out: str) -> str:
 
 
 if __name__ == "__main__":
+    interrupts.install()  # before jax is imported: see interrupts.py
     sys.exit(main())

@@ -97,6 +97,8 @@ def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
     (first device), one Sharding, or a tree of Shardings shaped like the parameters.
     mesh: a jax.sharding.Mesh (e.g. `sharding.make_mesh("data=2,tensor=4")`): the parameters are
     restored straight into the shards of `sharding.param_spec` (replaces `shardings`).
+    Host memory peaks at about the parameters' bytes plus a few read blocks: leaves are read
+    one at a time into their shards (see `checkpoint.read_leaf`).
     """
     path = hub.resolve(path)
     if not os.path.isdir(path):
@@ -121,7 +123,10 @@ def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
 
 
 def _load_hf(path: str, config: BlueLMConfig, dtype: Any, shardings: checkpoint.Shardings) -> dict:
-    """Reads a Hugging Face dir into memory, then places leaf by leaf (freeing each host copy)."""
+    """Reads a Hugging Face dir into host memory, then places leaf by leaf, freeing each host copy.
+
+    On a CPU device the aligned host arrays become the device buffers (no copy).
+    """
     from convert.hf_to_flax import load_hf_params
 
     host = load_hf_params(path, config, None if dtype is None else checkpoint.dtype_name(dtype))

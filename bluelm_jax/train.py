@@ -366,30 +366,42 @@ def save_model(directory: str, config: BlueLMConfig, tokenizer, params: dict, dt
 def _checkpoint_manager(out_dir: str, tc: TrainConfig):
     import orbax.checkpoint as ocp
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=tc.keep_checkpoints, create=True)
+    # cleanup_tmp_directories: a save cut short by an interrupt leaves an unfinished step directory
+    options = ocp.CheckpointManagerOptions(max_to_keep=tc.keep_checkpoints, create=True, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(out_dir), "checkpoints"), options=options)
 
 
 def _restore(manager, step: int, abstract: TrainState) -> tuple[TrainState, D.Position]:
-    """The state of checkpoint `step`, each array placed by the sharding of its `abstract` leaf."""
+    """The state of checkpoint `step`, each array placed by the sharding of its `abstract` leaf.
+
+    On failure the manager is closed and a ValueError names the checkpoint."""
     import orbax.checkpoint as ocp
 
+    from bluelm_jax.checkpoint import finishing_orbax_tasks, root_cause
+
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        with finishing_orbax_tasks():
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{manager.directory}/{step}: cannot resume, the checkpoint does not match these settings "
-                         f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+        manager.close()  # the run ends here: no background work may outlive it
+        raise ValueError(f"{manager.directory}/{step}: cannot resume, the checkpoint is damaged or does not match "
+                         f"these settings ({root_cause(e)}); delete it or start over with --no-resume") from None
     pos = restored["data"]["position"]
     return TrainState(*restored["state"]), D.Position(int(pos["epoch"]), int(pos["index"]))
 
 
 def _save(manager, step: int, state: TrainState, position: D.Position) -> None:
+    """Saves checkpoint `step` and waits until it is written."""
     import orbax.checkpoint as ocp
 
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave({"position": dataclasses.asdict(position), "step": step})))
+    from bluelm_jax.checkpoint import finishing_orbax_tasks
+
+    with finishing_orbax_tasks():
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave({"position": dataclasses.asdict(position), "step": step})))
+        manager.wait_until_finished()
 
 
 # ------------------------------------------------------------------ the loop
@@ -485,7 +497,6 @@ def train(model, train_file: str, tc: TrainConfig, out_dir: Optional[str] = None
                     f"{record['tokens_per_s']:.0f} tokens/s{extra}")
             if manager is not None and (step % tc.save_steps == 0 or step == tc.max_steps):
                 _save(manager, step, state, position)
-                manager.wait_until_finished()
             if callback is not None:
                 callback(record)
     finally:

@@ -18,6 +18,11 @@ command exits 1 with one line on stderr. --out may not be, contain or lie inside
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C and SIGTERM taken over before the heavy imports (bluelm_jax/interrupts.py)
+    from bluelm_jax import interrupts
+
+    interrupts.install()
+
 import argparse
 import json
 import os

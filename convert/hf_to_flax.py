@@ -16,6 +16,11 @@ needs it beside the weights.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C and SIGTERM taken over before the heavy imports (bluelm_jax/interrupts.py)
+    from bluelm_jax import interrupts
+
+    interrupts.install()
+
 import argparse
 import dataclasses
 import os
@@ -27,11 +32,12 @@ from typing import Any, Iterator, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from bluelm_jax import checkpoint, hub
+from bluelm_jax import checkpoint, hub, interrupts
 from bluelm_jax.atomic_dir import atomic_directory, refuse_existing, refuse_overlap
 from bluelm_jax.command_line import run_reporting_errors, use_cpu_quietly
 from bluelm_jax.config import BlueLMConfig, ConfigError
-from bluelm_jax.params import IGNORED_HF_TENSORS, HFTensor, PathT, flatten, hf_tensors, param_shapes, set_path
+from bluelm_jax.params import (IGNORED_HF_TENSORS, HFTensor, PathT, flatten, get_path, hf_tensors, param_shapes,
+                               set_path)
 from convert.hf_reader import CheckpointFormatError, HFCheckpoint
 
 BLOCK_BYTES = 64 * 1024 * 1024  # largest block of a leaf written at once
@@ -138,20 +144,25 @@ def converted_blocks(ckpt: HFCheckpoint, expected: dict[str, HFTensor], specs: d
             yield t.path, index, value
             if progress is not None:
                 progress.update(value.nbytes)
+            interrupts.check()
         del src
 
 
 def load_hf_params(hf_dir: str | os.PathLike, config: BlueLMConfig, dtype: Optional[str] = None) -> dict:
-    """Reads a Hugging Face checkpoint into a parameter tree of numpy arrays (in memory)."""
+    """Reads a Hugging Face checkpoint into a parameter tree of numpy arrays (in memory).
+
+    The arrays are allocated once, aligned (`checkpoint.aligned_empty`, so that jax adopts
+    them on CPU without a copy), and filled block by block from the memory-mapped tensors.
+    """
     ckpt = HFCheckpoint(hf_dir)
     expected = check_tensors(ckpt, config)
     specs = leaf_specs(config, resolve_dtype(dtype, ckpt))
-    out = {path: np.empty(s.shape, s.dtype) for path, s in specs.items()}
-    for path, index, value in converted_blocks(ckpt, expected, specs):
-        out[path][index] = value
+    checkpoint.return_large_frees_to_the_os()
     tree: dict = {}
-    for path, array in out.items():
-        set_path(tree, path, array)
+    for path, s in specs.items():
+        set_path(tree, path, checkpoint.aligned_empty(s.shape, s.dtype))
+    for path, index, value in converted_blocks(ckpt, expected, specs):
+        get_path(tree, path)[index] = value
     return tree
 
 
@@ -226,9 +237,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     use_cpu_quietly()  # conversion never needs an accelerator
     known = (ConversionError, CheckpointFormatError, ConfigError, checkpoint.CheckpointError, hub.HubError, OSError)
-    return run_reporting_errors(
-        lambda: convert_hf_to_flax(args.hf_dir, args.out, args.dtype, args.force, progress=not args.no_progress).line(),
-        known)
+
+    def convert() -> str:
+        with interrupts.deferred():  # raised between blocks: the writers finish, the output is removed
+            return convert_hf_to_flax(args.hf_dir, args.out, args.dtype, args.force,
+                                      progress=not args.no_progress).line()
+
+    return run_reporting_errors(convert, known)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from flax import nnx
 
 from bluelm_jax import params as P
 from bluelm_jax.config import preset
-from bluelm_jax.model import BlueLMForCausalLM, abstract_model, forward
+from bluelm_jax.model import BlueLMForCausalLM, abstract_model, forward, init_params
 from bluelm_jax.train import masked_cross_entropy
 from tests.hf_reference import random_hf_weights, reference_model
 
@@ -84,3 +84,18 @@ def test_nnx_optimizer_trains_the_model():
     trained = nnx.state(module, nnx.Param).to_pure_dict()
     np.testing.assert_array_equal(np.asarray(forward(trained, inputs, positions, config)[0]),
                                   np.asarray(module(inputs, positions)[0]))
+
+
+def test_profiles_read_like_the_model():
+    """jax.named_scope on each layer, its attention and its MLP: the compiled program's op names
+    say where each op comes from (what a profiler shows)."""
+    import re
+
+    config = preset("tiny")
+    params = init_params(config)
+    tokens = jnp.ones((1, 4), jnp.int32)
+    lowered = jax.jit(forward, static_argnames=("config",)).lower(params, tokens, jnp.arange(4)[None], config)
+    names = set(re.findall(r'loc\("([^"]*)"', lowered.as_text(debug_info=True)))
+    for i in range(config.num_hidden_layers):
+        for block, op in (("attention", "dot_general"), ("mlp", "jit(silu)")):
+            assert any(n.startswith(f"jit(forward)/layer_{i}/{block}/") and n.endswith(op) for n in names), (i, block)
