@@ -142,6 +142,18 @@ def test_weight_only_quantization_stores_integers_and_stays_close(params, batch,
     np.testing.assert_allclose(compiled, logits, atol=1e-5, rtol=0)
 
 
+def test_qwix_reaches_bfloat16_weights_under_float32_compute_on_cpu(batch):
+    """There the projections run as model._bf16_weight_matmul, whose product must still be the
+    jax.lax.dot_general qwix intercepts (inside jnp.matmul's jit qwix cannot add its weights)."""
+    model = build(CONFIG, init_params(CONFIG, seed=0, param_dtype=jnp.bfloat16))
+    reference = np.asarray(model(*batch)[0])
+    np.testing.assert_array_equal(np.asarray(E.qwix_lora(model, rank=4, targets="all")(*batch)[0]), reference)
+    quantized = E.quantize_weights(model, "int8")
+    assert quantized.model.layers[1].mlp.up_proj.kernel.array.qvalue.dtype == jnp.int8
+    error = np.max(np.abs(np.asarray(quantized(*batch)[0]) - reference))
+    assert 1e-5 < error < 1e-2, error  # measured 3.0e-3
+
+
 def test_quantized_state_from_float_params_equals_quantizing_the_model(params, batch):
     graph, state = E.quantized_state(CONFIG, params, "int8", lm_head=True)
     quantized = E.quantize_weights(build(CONFIG, params), "int8", lm_head=True)
