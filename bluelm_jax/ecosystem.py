@@ -15,7 +15,8 @@ qwix sees each one under its PyTorch-like path and nothing in model.py needs to 
   `lora.save` and the model's `Adapters`.
 - `quantize_weights`: target kernels become qwix arrays, int8 or int4 values
   [in, out] and float32 scales [in / tile_size or 1, out] (per output channel, or per
-  group of `tile_size` input rows); each product dequantizes inside the compiled matmul.
+  group of `tile_size` input rows). With float activations qwix multiplies the dequantized
+  weight (values times scales, computed inside the compiled function) in floating point.
   `quantized_state` does the same from float parameters without building the float model.
 
 Both return a module of a class qwix derived from BlueLMForCausalLM. Compile it as the rest
