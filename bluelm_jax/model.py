@@ -140,7 +140,9 @@ def _bf16_weight_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     pad = -rows % CPU_BF16_ROW_MULTIPLE
     if pad:
         x2 = jnp.pad(x2, ((0, pad), (0, 0)))  # [rows + pad, in]
-    y = jnp.matmul(x2, w, preferred_element_type=jnp.float32)[:rows]  # [rows, out]
+    # jax.lax.dot_general, not jnp.matmul: the projection's product must be the dot_general that
+    # qwix (bluelm_jax/ecosystem.py) intercepts; inside jnp.matmul's own jit it cannot add weights
+    y = jax.lax.dot_general(x2, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)[:rows]  # [rows, out]
     return y.reshape(*lead, w.shape[-1])
 
 
