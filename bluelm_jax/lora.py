@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bluelm_jax.atomic_dir import atomic_directory
+from bluelm_jax.checkpoint import finishing_orbax_tasks
 from bluelm_jax.config import BlueLMConfig
 from bluelm_jax.model import Adapters
 from bluelm_jax.params import LAYER_PROJECTIONS, LAYERS, get_path, set_path, shape_of
@@ -123,7 +124,7 @@ def save(directory: str | os.PathLike, tree: dict, lora: LoraConfig, base_model:
     import orbax.checkpoint as ocp
 
     with atomic_directory(directory, force=True) as tmp:
-        with ocp.PyTreeCheckpointer() as ckptr:
+        with finishing_orbax_tasks(), ocp.PyTreeCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, "params"), jax.device_get(tree))
         meta = {"format": FORMAT_NAME, "rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
                 "targets": list(lora.targets), "base_model": base_model}
@@ -158,7 +159,7 @@ def load(directory: str | os.PathLike, config: BlueLMConfig) -> tuple[dict, Lora
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
                           jax.eval_shape(lambda: init(jax.random.key(0), config, lora)))
     try:
-        with ocp.PyTreeCheckpointer() as ckptr:
+        with finishing_orbax_tasks(), ocp.PyTreeCheckpointer() as ckptr:
             tree = ckptr.restore(os.path.join(directory, "params"),
                                  args=ocp.args.PyTreeRestore(item=target,
                                                              restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
