@@ -15,16 +15,16 @@ import argparse
 import importlib
 import json
 import math
-import signal
 import sys
 from typing import Optional, Sequence
+
+from bluelm_jax.command_line import EXIT_USAGE, run_reporting_errors
 
 USER_PROMPT = "User: "
 BOT_PROMPT = "BlueLM: "
 BANNER = "BlueLM chat. Type 'clear' to forget the conversation, 'quit' to exit."
 CLEARED = "(conversation cleared)"
 
-EXIT_USAGE, EXIT_ERROR = 2, 1
 
 # command -> (module with a main(argv) -> int, help line)
 OTHER_COMMANDS = {
@@ -173,7 +173,7 @@ def _sampling_kwargs(args) -> dict:
                 top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-def run_generate(args) -> int:
+def run_generate(args) -> None:
     from bluelm_jax import distributed
 
     distributed.initialize_from_args(args)  # before anything starts the JAX backend
@@ -188,10 +188,10 @@ def run_generate(args) -> int:
     model, mesh = _load(args)
     show = distributed.is_main()  # several processes run the same program; process 0 prints
     with sharding.use(mesh):
-        return _generate(gen, model, prompt, args, show)
+        _generate(gen, model, prompt, args, show)
 
 
-def _generate(gen, model, prompt, args, show: bool) -> int:
+def _generate(gen, model, prompt, args, show: bool) -> None:
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
         prompt = messages + [{"role": "user", "content": prompt}]
@@ -202,7 +202,7 @@ def _generate(gen, model, prompt, args, show: bool) -> int:
                "prompt_ids": r.prompt_ids[0]}
         if show:
             print(json.dumps(out, ensure_ascii=False))
-        return 0
+        return
     s = gen.stream(model, prompt, **kwargs)
     for piece in s:
         if show:
@@ -214,7 +214,6 @@ def _generate(gen, model, prompt, args, show: bool) -> int:
         if s.finish_reason == "length" and used >= context:
             print(f"(stopped: the context of {context} tokens is full: {len(s.prompt_ids)} prompt + "
                   f"{len(s.ids)} generated)", file=sys.stderr)
-    return 0
 
 
 def _fit_history(model, system: Optional[str], history: list, user: str, max_new_tokens: int) -> tuple[list, list]:
@@ -229,15 +228,15 @@ def _fit_history(model, system: Optional[str], history: list, user: str, max_new
         history = history[2:]
 
 
-def run_chat(args) -> int:
+def run_chat(args) -> None:
     from bluelm_jax import sharding
 
     model, mesh = _load(args)
     with sharding.use(mesh):
-        return _chat(model, args)
+        _chat(model, args)
 
 
-def _chat(model, args) -> int:
+def _chat(model, args) -> None:
     from bluelm_jax import generate as gen
 
     print(BANNER, flush=True)
@@ -248,12 +247,12 @@ def _chat(model, args) -> int:
             line = input(USER_PROMPT)
         except EOFError:
             print()
-            return 0
+            return
         user = line.strip()
         if not user:
             continue
         if user.lower() in ("quit", "exit"):
-            return 0
+            return
         if user.lower() == "clear":
             history = []
             print(CLEARED, flush=True)
@@ -286,19 +285,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return module.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    interrupts.set_prefix(f"{parser.prog} {args.command}")
-    try:
-        return args.run(args)
-    except UsageError as e:
-        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt as e:  # without interrupts.install (called in-process)
-        signum = getattr(e, "signum", signal.SIGINT)
-        print(f"{parser.prog} {args.command}: {interrupts.describe(signum)}", file=sys.stderr)
-        return interrupts.exit_status(signum)
-    except BrokenPipeError:
-        return EXIT_ERROR
-    except Exception as e:  # one clear line, not a traceback
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"{parser.prog} {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_ERROR
+    prog = f"{parser.prog} {args.command}"
+    interrupts.set_prefix(prog)
+    # bad input (ValueError: config, checkpoint, mesh, prompt...; OSError: files) is one line;
+    # anything else is reported as an internal error
+    return run_reporting_errors(lambda: args.run(args), (ValueError, OSError), prog=prog, usage=(UsageError,))

@@ -236,12 +236,6 @@ def batch_spec(mesh, batch: int, *rest: Optional[str]) -> P:
     return P(_fits(BATCH, batch, _axis_sizes(mesh)), *rest)
 
 
-def logits_spec(mesh, batch: int, vocab: int) -> P:
-    """[batch, seq, vocab] logits: rows on data, vocabulary on tensor (as lm_head leaves them)."""
-    sizes = _axis_sizes(mesh)
-    return P(_fits(BATCH, batch, sizes), None, _fits(TENSOR, vocab, sizes))
-
-
 def cache_spec(mesh, batch: int, kv_heads: int) -> P:
     """KV cache k/v [layers, batch, max_len, kv_heads, head_dim]: rows on data, KV heads on tensor."""
     sizes = _axis_sizes(mesh)
@@ -294,7 +288,7 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def describe(params: dict, mesh: Optional[Mesh] = None) -> Iterable[str]:
+def describe(params: dict) -> Iterable[str]:
     """One line per parameter: path, global shape, PartitionSpec, per-device shard shape."""
     for path, leaf in flatten(params):
         sharding = getattr(leaf, "sharding", None)

@@ -60,6 +60,7 @@ from bluelm_jax import lora as L
 from bluelm_jax import sharding as S
 from bluelm_jax.atomic_dir import atomic_directory
 from bluelm_jax.config import BlueLMConfig
+from bluelm_jax.loading import default_compute_dtype
 from bluelm_jax.model import forward
 
 NamedSharding, PS = jax.sharding.NamedSharding, jax.sharding.PartitionSpec
@@ -431,7 +432,7 @@ def train(model, train_file: str, tc: TrainConfig, out_dir: Optional[str] = None
     for ds in (train_ds, eval_ds):
         if ds is not None and ds.skipped:
             warn(f"skipped {len(ds.skipped)} bad record(s) of {ds.path}; first: {ds.skipped[0]}")
-    compute_dtype = jnp.dtype(tc.compute_dtype) if tc.compute_dtype else _default_compute_dtype()
+    compute_dtype = jnp.dtype(tc.compute_dtype) if tc.compute_dtype else default_compute_dtype()
 
     mesh = train_mesh(tc)
     rows = batch_sharding(mesh, tc.batch_size)
@@ -522,13 +523,3 @@ def train(model, train_file: str, tc: TrainConfig, out_dir: Optional[str] = None
                 model_dir = save_model(os.path.join(out_dir, "model"), config, tok, merged, dtype, source)
     return TrainResult(trained, history, eval_loss, model_dir, adapter_dir, list(train_ds.skipped), resumed_from)
 
-
-def _default_compute_dtype():
-    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
-
-
-def finetune_main(argv: Optional[list[str]] = None) -> int:
-    """`python -m bluelm_jax finetune ...`; see finetune_cli.py."""
-    from bluelm_jax.finetune_cli import main
-
-    return main(argv)

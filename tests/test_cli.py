@@ -117,3 +117,21 @@ def test_generate_says_when_the_context_is_full(tmp_path, tokenizer_model):
     assert p.stderr == f"(stopped: the context of 48 tokens is full: {n_prompt} prompt + {48 - n_prompt} generated)\n"
     short = run("generate", "--model", small, "--prompt", "Hello, how are you", "--max-new-tokens", "3")
     assert short.returncode == 0 and short.stderr == ""
+
+
+@pytest.mark.parametrize("error, status, line", [
+    (ValueError("config.json: required field(s) missing: vocab_size"), 1,
+     "config.json: required field(s) missing: vocab_size"),
+    (FileNotFoundError(2, "No such file or directory", "/nowhere/tokenizer.model"), 1,
+     "/nowhere/tokenizer.model: No such file or directory"),
+    (cli.UsageError("the prompt is empty"), 2, "the prompt is empty"),
+    (TypeError("unsupported operand"), 1, "internal error (TypeError: unsupported operand)"),
+])
+def test_errors_are_one_line_and_bugs_are_not_passed_off_as_bad_input(monkeypatch, capsys, error, status, line):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_load", fail)
+    assert cli.main(["generate", "--prompt", "hi"]) == status
+    captured = capsys.readouterr()
+    assert captured.err == f"python -m bluelm_jax generate: error: {line}\n" and captured.out == ""

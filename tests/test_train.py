@@ -280,8 +280,7 @@ def test_bad_training_data_raises(tok, tmp_path):
 
 
 def run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-c", "import sys; from bluelm_jax.train import finetune_main; "
-                           "sys.exit(finetune_main(sys.argv[1:]))", *args],
+    return subprocess.run([sys.executable, "-m", "bluelm_jax", "finetune", *args],
                           capture_output=True, text=True, cwd=cwd, timeout=300,
                           env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
 
