@@ -35,7 +35,7 @@ Output directory:
                                 appended to when resuming, else rewritten
     <out>/model/                full fine-tuning (or LoRA with merge_lora): a converted
                                 bluelm-jax directory, loadable by bluelm_jax.load and
-                                exportable by `python -m convert.flax_to_hf`
+                                exportable by `bluelm-export` (hf/to_hf.py)
     <out>/adapter/              LoRA: the adapters only (see lora.py)
 """
 
@@ -58,7 +58,6 @@ import optax
 from bluelm_jax import data as D
 from bluelm_jax import lora as L
 from bluelm_jax import sharding as S
-from bluelm_jax.atomic_dir import atomic_directory
 from bluelm_jax.config import BlueLMConfig
 from bluelm_jax.loading import default_compute_dtype
 from bluelm_jax.model import forward
@@ -340,28 +339,21 @@ def put_batch(batch: D.Batch, sharding: NamedSharding) -> D.Batch:
 
 def save_model(directory: str, config: BlueLMConfig, tokenizer, params: dict, dtype: Any,
                config_source: Optional[str] = None) -> str:
-    """Writes a converted bluelm-jax directory (params/, config.json, tokenizer.model), atomically.
+    """Writes a converted bluelm-jax directory (checkpoint.write_converted_dir), replacing one there.
 
     config_source: a config.json whose extra keys are kept (else config.to_hf_dict())."""
     from bluelm_jax import checkpoint
 
-    directory = os.path.abspath(directory)
-    with atomic_directory(directory, force=True) as tmp:
-        name = checkpoint.dtype_name(dtype)
-        host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)).astype(jnp.dtype(name)), params)
-        checkpoint.save_params(os.path.join(tmp, checkpoint.PARAMS_DIR), host)
-        raw = config.to_hf_dict()
-        if config_source and os.path.isfile(config_source):
-            with open(config_source, encoding="utf-8") as f:
-                raw = {**json.load(f), **raw}
-        raw["torch_dtype"] = name
-        with open(os.path.join(tmp, checkpoint.CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(raw, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        with open(os.path.join(tmp, checkpoint.TOKENIZER_FILE), "wb") as f:
-            f.write(tokenizer.serialized_model)
-        checkpoint.write_metadata(tmp, name, num_parameters=config.num_parameters(), source_format="bluelm-jax-train")
-    return directory
+    name = checkpoint.dtype_name(dtype)
+    base = None
+    if config_source and os.path.isfile(config_source):
+        with open(config_source, encoding="utf-8") as f:
+            base = json.load(f)
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)).astype(jnp.dtype(name)), params)
+    return checkpoint.write_converted_dir(
+        directory, lambda params_dir: checkpoint.save_params(params_dir, host), config.to_hf_json(name, base),
+        tokenizer.serialized_model, name, force=True, num_parameters=config.num_parameters(),
+        source_format="bluelm-jax-train")
 
 
 def _checkpoint_manager(out_dir: str, tc: TrainConfig):

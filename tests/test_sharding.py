@@ -202,7 +202,7 @@ def test_load_onto_a_mesh_then_generate(hf_checkpoint, tmp_path):
     generation gives the single-device tokens."""
     import bluelm_jax
     from bluelm_jax.generate import generate
-    from convert.hf_to_flax import convert_hf_to_flax
+    from bluelm_jax.hf.to_orbax import convert_hf_to_flax
 
     out = tmp_path / "converted"
     convert_hf_to_flax(hf_checkpoint("tiny-gqa"), out, dtype="float32", progress=False)
