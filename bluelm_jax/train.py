@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -109,15 +108,7 @@ class TrainConfig:
         if self.mesh is not None:
             sizes = S.parse_mesh(self.mesh)  # MeshError (a ValueError) on a bad description
             if -1 not in sizes.values():
-                check_batch_split(self.batch_size, sizes)
-
-
-def check_batch_split(batch_size: int, sizes: dict) -> None:
-    """ValueError unless the batch rows divide over the mesh's data x fsdp devices."""
-    rows = math.prod(sizes.get(axis, 1) for axis in S.BATCH)
-    if batch_size % rows:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the {rows} batch shards "
-                         f"(data x fsdp) of mesh {S.format_mesh(sizes)}")
+                S.check_batch_split(self.batch_size, sizes)
 
 
 class TrainState(NamedTuple):
@@ -283,7 +274,7 @@ def make_train_step(config: BlueLMConfig, tc: TrainConfig, compute_dtype, mesh: 
         return TrainState(state.step + 1, params, opt_state), metrics
 
     state = shardings_of(abstract_state(config, tc, mesh))
-    rows, replicated = batch_sharding(mesh, tc.batch_size), NamedSharding(mesh, PS())
+    rows, replicated = S.batch_sharding(mesh, tc.batch_size), NamedSharding(mesh, PS())
     return _on_mesh(jax.jit(step, in_shardings=(state, frozen_shardings(config, tc, mesh), rows),
                             out_shardings=(state, replicated), donate_argnums=(0,)), mesh)
 
@@ -295,7 +286,7 @@ def make_eval_step(config: BlueLMConfig, tc: TrainConfig, compute_dtype, mesh: j
     return _on_mesh(jax.jit(lambda trained, frozen, batch: loss_fn(trained, frozen, batch, None, config, tc,
                                                                   compute_dtype),
                             in_shardings=(trained, frozen_shardings(config, tc, mesh),
-                                          batch_sharding(mesh, tc.batch_size)),
+                                          S.batch_sharding(mesh, tc.batch_size)),
                             out_shardings=NamedSharding(mesh, PS())), mesh)
 
 
@@ -306,32 +297,6 @@ def evaluate(eval_step: Callable, trained, frozen, batches: list, put: Callable 
         loss, n = jax.device_get(eval_step(trained, frozen, put(batch)))
         total, count = total + float(loss) * float(n), count + float(n)
     return total / max(count, 1.0)
-
-
-# ------------------------------------------------------------------ devices
-
-
-def train_mesh(tc: TrainConfig) -> jax.sharding.Mesh:
-    """The mesh of `tc.mesh` (`sharding.make_mesh`: the first devices it needs, with a notice).
-    None: a 1-D "data" mesh of as many devices as divide batch_size."""
-    if tc.mesh is None:
-        devices = jax.devices()
-        n = max(d for d in range(1, len(devices) + 1) if tc.batch_size % d == 0)
-        mesh = S.make_mesh({S.DATA: n}, devices[:n])
-    else:
-        mesh = S.make_mesh(tc.mesh)
-    check_batch_split(tc.batch_size, dict(mesh.shape))
-    return mesh
-
-
-def batch_sharding(mesh: jax.sharding.Mesh, batch_size: int) -> NamedSharding:
-    """[batch, width] arrays: rows over the data and fsdp axes."""
-    return NamedSharding(mesh, S.batch_spec(mesh, batch_size))
-
-
-def put_batch(batch: D.Batch, sharding: NamedSharding) -> D.Batch:
-    """A host batch placed by `sharding`, each device receiving only its rows."""
-    return jax.tree.map(lambda x: S.put(x, sharding), batch)
 
 
 # ------------------------------------------------------------------ saving
@@ -426,9 +391,9 @@ def train(model, train_file: str, tc: TrainConfig, out_dir: Optional[str] = None
             warn(f"skipped {len(ds.skipped)} bad record(s) of {ds.path}; first: {ds.skipped[0]}")
     compute_dtype = jnp.dtype(tc.compute_dtype) if tc.compute_dtype else default_compute_dtype()
 
-    mesh = train_mesh(tc)
-    rows = batch_sharding(mesh, tc.batch_size)
-    put = lambda batch: put_batch(batch, rows)  # noqa: E731
+    mesh = S.batch_mesh(tc.mesh, tc.batch_size)
+    rows = S.batch_sharding(mesh, tc.batch_size)
+    put = lambda batch: S.put_batch(batch, rows)  # noqa: E731
     frozen = frozen_params(model, tc, mesh)
     step_fn = make_train_step(config, tc, compute_dtype, mesh)
     eval_fn = make_eval_step(config, tc, compute_dtype, mesh)
