@@ -23,7 +23,8 @@ weights with float32 compute on CPU use a bfloat16 dot with a float32 result
 (`_bf16_weight_matmul`) and are never converted to float32.
 
 Layers are unrolled, one buffer per weight (the layout decision and its measurements are in
-the README, "How it is built"). Compiled code takes the state (`nnx.split`) and rebuilds
+the README, "How it is built"). Each layer, its attention and its MLP run under
+`jax.named_scope` ("layer_3/attention", "layer_3/mlp"), so profiles read like the model. Compiled code takes the state (`nnx.split`) and rebuilds
 the module inside (`forward`, a thin wrapper: `nnx.merge(graphdef(config, dtype), params)`).
 
 The KV cache stays outside the modules: a pytree passed in and returned, preallocated
