@@ -15,6 +15,10 @@ replicated on that axis, so any mesh works for any config.
 
 Activations are constrained inside the model with `constrain`, which reads the mesh set
 by `jax.set_mesh(mesh)` (`with use(mesh):`) and does nothing without one.
+
+Batches: `batch_mesh` is the mesh of a training run (its rows must divide over data x
+fsdp), `batch_sharding` and `put_batch` place host batches by rows, each device receiving
+only its own.
 """
 
 from __future__ import annotations
