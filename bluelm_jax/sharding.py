@@ -322,4 +322,4 @@ def describe(params: dict) -> Iterable[str]:
         sharding = getattr(leaf, "sharding", None)
         spec = getattr(sharding, "spec", None)
         shard = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
-        yield f"{path_name(path):44s} {str(tuple(leaf.shape)):22s} {str(spec):34s} shard {tuple(shard)}"
+        yield f"{path_name(path):47s} {str(tuple(leaf.shape)):22s} {str(spec):34s} shard {tuple(shard)}"
