@@ -58,7 +58,7 @@ def test_sharded_generation(executed):
     out = printed(executed("sharded_generation")[0])
     assert "cpu 8 devices" in out and "data=1,tensor=8" in out
     assert "sharded == single device: True" in out
-    assert "layers/q_proj" in out and "shard (2, 256, 32)" in out
+    assert "model/layers/1/self_attn/q_proj/kernel" in out and "shard (256, 32)" in out
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
