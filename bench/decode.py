@@ -4,7 +4,7 @@
                            [--baseline DIR] [--skip-reference] [--statistic median|min]
 
 Both run the same random-weight BlueLM checkpoint (the transformers model is LLaMA plus
-BlueLM's embedding LayerNorm, see tests/hf_reference.py), greedy, from the same prompt.
+BlueLM's embedding LayerNorm, see bench/reference.py), greedy, from the same prompt.
 Decode tokens per second exclude the prefill:
   * bluelm-jax: the time of the compiled decode loop alone (after prefill, compiled beforehand);
   * transformers: generate(N + 1 new tokens) minus generate(1 new token), both with
@@ -213,7 +213,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    from tests.hf_reference import params_from_hf, random_hf_weights, reference_model
+    from bench.reference import params_from_hf, random_hf_weights, reference_model
 
     torch.set_num_threads(args.threads)
     baseline = import_baseline(args.baseline) if args.baseline else None

@@ -6,6 +6,9 @@
     <dir>/tokenizer.model   the SentencePiece model
     <dir>/bluelm_jax.json   {"format": "bluelm-jax", "layout_version": 2, "param_dtype": ...}
 
+`write_converted_dir` is the one writer of such a directory (the converter, hf/to_orbax.py,
+and the fine-tuned model of train.py).
+
 Layout version 2 is the per-layer module tree; version 1 (layers stacked on a leading axis)
 is refused with one line that says to convert the checkpoint again.
 
@@ -33,7 +36,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +46,7 @@ import tensorstore as ts
 from etils import epath
 from orbax.checkpoint import type_handlers
 
+from bluelm_jax.atomic_dir import atomic_directory
 from bluelm_jax.config import BlueLMConfig
 from bluelm_jax.params import PathT, flatten, get_path, param_shapes, path_name, set_path
 
@@ -144,7 +148,7 @@ def damaged(directory: str, error: BaseException) -> CheckpointError:
     """The one-line error for a checkpoint whose Orbax data cannot be read: its reason and the remedy."""
     reason = root_cause(error)
     return CheckpointError(f"{directory}: the checkpoint is damaged ({reason}); convert it again "
-                           f"(python -m convert.hf_to_flax --hf-dir HF_DIR --out {directory} --force)")
+                           f"(bluelm-convert --hf-dir HF_DIR --out {directory} --force)")
 
 
 def dtype_name(dtype: Any) -> str:
@@ -192,6 +196,30 @@ def read_metadata(directory: str | os.PathLike) -> dict:
             f"{LAYOUT_VERSION}; convert the Hugging Face checkpoint again")
     dtype_name(meta.get("param_dtype"))
     return meta
+
+
+# ------------------------------------------------------------------ the converted directory
+
+
+def write_converted_dir(directory: str | os.PathLike, write_params: Callable[[str], Any], config_file: bytes,
+                        tokenizer_model: bytes, param_dtype: str, force: bool = False,
+                        exists_error: Callable[[str], Exception] = CheckpointError, **metadata: Any) -> str:
+    """Writes a converted bluelm-jax directory atomically; returns its absolute path.
+
+    `write_params(params_dir)` writes the Orbax tree (save_params or save_params_streaming);
+    then config.json and tokenizer.model get these bytes, and bluelm_jax.json `param_dtype`
+    and `metadata`. The directory appears complete or not at all (atomic_dir.py); an existing
+    one is replaced only with `force` (else `exists_error`).
+    """
+    directory = os.path.abspath(directory)
+    with atomic_directory(directory, force, exists_error) as tmp:
+        write_params(os.path.join(tmp, PARAMS_DIR))
+        with open(os.path.join(tmp, CONFIG_FILE), "wb") as f:
+            f.write(config_file)
+        with open(os.path.join(tmp, TOKENIZER_FILE), "wb") as f:
+            f.write(tokenizer_model)
+        write_metadata(tmp, param_dtype, **metadata)
+    return directory
 
 
 # ------------------------------------------------------------------ abstract trees

@@ -26,7 +26,9 @@ BANNER = "BlueLM chat. Type 'clear' to forget the conversation, 'quit' to exit."
 CLEARED = "(conversation cleared)"
 
 
-# command -> (module with a main(argv) -> int, help line)
+PROG = "python -m bluelm_jax"  # the installed script calls itself bluelm-jax (`command`)
+
+# command -> (module with a main(argv, prog) -> int, help line)
 OTHER_COMMANDS = {
     "finetune": ("bluelm_jax.finetune_cli", "fine-tune a model (full or LoRA) on JSON/JSON-lines data"),
 }
@@ -113,8 +115,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, max_new: int, temperature:
     p.add_argument("--seed", type=_seed, default=None, metavar="S", help="sampling seed (default: random)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m bluelm_jax", description="BlueLM in JAX: generate text, chat, fine-tune.")
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="BlueLM in JAX: generate text, chat, fine-tune.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
@@ -276,17 +278,26 @@ def _chat(model, args) -> None:
         turn += 1
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
     from bluelm_jax import interrupts
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in OTHER_COMMANDS:  # commands that live in their own modules
         module = importlib.import_module(OTHER_COMMANDS[argv[0]][0])
-        return module.main(argv[1:])
-    parser = build_parser()
+        return module.main(argv[1:], prog=f"{prog} {argv[0]}")
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     prog = f"{parser.prog} {args.command}"
     interrupts.set_prefix(prog)
     # bad input (ValueError: config, checkpoint, mesh, prompt...; OSError: files) is one line;
     # anything else is reported as an internal error
     return run_reporting_errors(lambda: args.run(args), (ValueError, OSError), prog=prog, usage=(UsageError,))
+
+
+def command(prog: str = "bluelm-jax") -> int:
+    """The `bluelm-jax` script (and `python -m bluelm_jax`): Ctrl-C and SIGTERM taken over
+    before jax is imported (interrupts.py), then `main` on sys.argv."""
+    from bluelm_jax import interrupts
+
+    interrupts.install(prog)
+    return main(prog=prog)

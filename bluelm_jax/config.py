@@ -161,6 +161,12 @@ class BlueLMConfig:
             else {"type": s.kind, "factor": s.factor})
         return out
 
+    def to_hf_json(self, torch_dtype: str, base: Optional[dict] = None) -> bytes:
+        """The bytes of a config.json for weights stored in `torch_dtype`: the keys of `base` (a
+        release's config.json, whose extra keys survive) updated by `to_hf_dict()`."""
+        raw = {**(base or {}), **self.to_hf_dict(), "torch_dtype": torch_dtype}
+        return (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
     def replace(self, **changes) -> "BlueLMConfig":
         return dataclasses.replace(self, **changes)
 

@@ -16,12 +16,12 @@ from bluelm_jax import interrupts
 from bluelm_jax.command_line import run_reporting_errors
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m bluelm_jax finetune") -> argparse.ArgumentParser:
     from bluelm_jax.train import TrainConfig
 
     d = TrainConfig()
     p = argparse.ArgumentParser(
-        prog="python -m bluelm_jax finetune",
+        prog=prog,
         description="Fine-tune a BlueLM model (full or LoRA) with optax on prompt/response or chat-message data "
                     "(JSON lines or a JSON array); writes checkpoints, a log and the result to --out.")
     p.add_argument("--model", default=None, help="converted bluelm-jax dir, Hugging Face dir or Hub repo id "
@@ -120,8 +120,8 @@ def resume_hint(out: str, resume: bool) -> str:
     return f"run the same command again to resume from step {step} ({os.path.join(out, 'checkpoints', str(step))})"
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = build_parser()
+def main(argv: Optional[list[str]] = None, prog: str = "python -m bluelm_jax finetune") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     out = os.path.abspath(args.out)
     existed = os.path.exists(out)

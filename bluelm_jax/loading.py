@@ -127,7 +127,7 @@ def _load_hf(path: str, config: BlueLMConfig, dtype: Any, shardings: checkpoint.
 
     On a CPU device the aligned host arrays become the device buffers (no copy).
     """
-    from convert.hf_to_flax import load_hf_params
+    from bluelm_jax.hf.to_orbax import load_hf_params
 
     host = load_hf_params(path, config, None if dtype is None else checkpoint.dtype_name(dtype))
     abstract = checkpoint.abstract_params(config, host["model"]["embed_tokens"]["embedding"].dtype, shardings)

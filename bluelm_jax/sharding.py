@@ -15,6 +15,10 @@ replicated on that axis, so any mesh works for any config.
 
 Activations are constrained inside the model with `constrain`, which reads the mesh set
 by `jax.set_mesh(mesh)` (`with use(mesh):`) and does nothing without one.
+
+Batches: `batch_mesh` is the mesh of a training run (its rows must divide over data x
+fsdp), `batch_sharding` and `put_batch` place host batches by rows, each device receiving
+only its own.
 """
 
 from __future__ import annotations
@@ -131,6 +135,28 @@ def format_mesh(mesh: Union[Mesh, dict]) -> str:
     return ",".join(f"{k}={v}" for k, v in sizes.items())
 
 
+def check_batch_split(batch_size: int, sizes: dict) -> None:
+    """MeshError unless `batch_size` rows divide over the data x fsdp devices of a mesh of these sizes."""
+    rows = math.prod(sizes.get(axis, 1) for axis in BATCH)
+    if batch_size % rows:
+        raise MeshError(f"batch_size {batch_size} is not divisible by the {rows} batch shards "
+                        f"(data x fsdp) of mesh {format_mesh(sizes)}")
+
+
+def batch_mesh(spec: Union[None, str, dict], batch_size: int) -> Mesh:
+    """The mesh of a run over batches of `batch_size` rows (training): `make_mesh(spec)`, or for
+    None a 1-D "data" mesh of as many devices as divide batch_size; MeshError unless the rows
+    divide over its data x fsdp devices."""
+    if spec is None:
+        devices = jax.devices()
+        n = max(d for d in range(1, len(devices) + 1) if batch_size % d == 0)
+        mesh = make_mesh({DATA: n}, devices[:n])
+    else:
+        mesh = make_mesh(spec)
+    check_batch_split(batch_size, dict(mesh.shape))
+    return mesh
+
+
 @contextlib.contextmanager
 def use(mesh: Optional[Mesh]):
     """Sets `mesh` as the ambient mesh of jit and `constrain` (no-op for None)."""
@@ -219,6 +245,16 @@ def put(x, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
+    """[batch, ...] arrays: rows over the data and fsdp axes (`batch_spec`)."""
+    return NamedSharding(mesh, batch_spec(mesh, batch_size))
+
+
+def put_batch(batch, sharding: NamedSharding):
+    """A pytree of host [batch, ...] arrays placed by `sharding`, each device receiving only its rows."""
+    return jax.tree.map(lambda x: put(x, sharding), batch)
+
+
 def shard_params(params: dict, config: BlueLMConfig, mesh: Mesh) -> dict:
     """Places a parameter tree (host or device arrays) on `mesh` by `param_spec`."""
     out: dict = {}
@@ -240,14 +276,6 @@ def cache_spec(mesh, batch: int, kv_heads: int) -> P:
     """KV cache k/v [layers, batch, max_len, kv_heads, head_dim]: rows on data, KV heads on tensor."""
     sizes = _axis_sizes(mesh)
     return P(None, _fits(BATCH, batch, sizes), None, _fits(TENSOR, kv_heads, sizes), None)
-
-
-def cache_shardings(mesh: Mesh, batch: int, config: BlueLMConfig):
-    """A KVCache of NamedShardings: k and v split as `cache_spec`, index replicated, start by row."""
-    from bluelm_jax.model import KVCache
-
-    kv = NamedSharding(mesh, cache_spec(mesh, batch, config.num_key_value_heads))
-    return KVCache(kv, kv, NamedSharding(mesh, P()), NamedSharding(mesh, batch_spec(mesh, batch)))
 
 
 # --------------------------------------------------------------------------- activations

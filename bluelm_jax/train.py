@@ -35,7 +35,7 @@ Output directory:
                                 appended to when resuming, else rewritten
     <out>/model/                full fine-tuning (or LoRA with merge_lora): a converted
                                 bluelm-jax directory, loadable by bluelm_jax.load and
-                                exportable by `python -m convert.flax_to_hf`
+                                exportable by `bluelm-export` (hf/to_hf.py)
     <out>/adapter/              LoRA: the adapters only (see lora.py)
 """
 
@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -58,7 +57,6 @@ import optax
 from bluelm_jax import data as D
 from bluelm_jax import lora as L
 from bluelm_jax import sharding as S
-from bluelm_jax.atomic_dir import atomic_directory
 from bluelm_jax.config import BlueLMConfig
 from bluelm_jax.loading import default_compute_dtype
 from bluelm_jax.model import forward
@@ -110,15 +108,7 @@ class TrainConfig:
         if self.mesh is not None:
             sizes = S.parse_mesh(self.mesh)  # MeshError (a ValueError) on a bad description
             if -1 not in sizes.values():
-                check_batch_split(self.batch_size, sizes)
-
-
-def check_batch_split(batch_size: int, sizes: dict) -> None:
-    """ValueError unless the batch rows divide over the mesh's data x fsdp devices."""
-    rows = math.prod(sizes.get(axis, 1) for axis in S.BATCH)
-    if batch_size % rows:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the {rows} batch shards "
-                         f"(data x fsdp) of mesh {S.format_mesh(sizes)}")
+                S.check_batch_split(self.batch_size, sizes)
 
 
 class TrainState(NamedTuple):
@@ -284,7 +274,7 @@ def make_train_step(config: BlueLMConfig, tc: TrainConfig, compute_dtype, mesh: 
         return TrainState(state.step + 1, params, opt_state), metrics
 
     state = shardings_of(abstract_state(config, tc, mesh))
-    rows, replicated = batch_sharding(mesh, tc.batch_size), NamedSharding(mesh, PS())
+    rows, replicated = S.batch_sharding(mesh, tc.batch_size), NamedSharding(mesh, PS())
     return _on_mesh(jax.jit(step, in_shardings=(state, frozen_shardings(config, tc, mesh), rows),
                             out_shardings=(state, replicated), donate_argnums=(0,)), mesh)
 
@@ -296,7 +286,7 @@ def make_eval_step(config: BlueLMConfig, tc: TrainConfig, compute_dtype, mesh: j
     return _on_mesh(jax.jit(lambda trained, frozen, batch: loss_fn(trained, frozen, batch, None, config, tc,
                                                                   compute_dtype),
                             in_shardings=(trained, frozen_shardings(config, tc, mesh),
-                                          batch_sharding(mesh, tc.batch_size)),
+                                          S.batch_sharding(mesh, tc.batch_size)),
                             out_shardings=NamedSharding(mesh, PS())), mesh)
 
 
@@ -309,59 +299,26 @@ def evaluate(eval_step: Callable, trained, frozen, batches: list, put: Callable 
     return total / max(count, 1.0)
 
 
-# ------------------------------------------------------------------ devices
-
-
-def train_mesh(tc: TrainConfig) -> jax.sharding.Mesh:
-    """The mesh of `tc.mesh` (`sharding.make_mesh`: the first devices it needs, with a notice).
-    None: a 1-D "data" mesh of as many devices as divide batch_size."""
-    if tc.mesh is None:
-        devices = jax.devices()
-        n = max(d for d in range(1, len(devices) + 1) if tc.batch_size % d == 0)
-        mesh = S.make_mesh({S.DATA: n}, devices[:n])
-    else:
-        mesh = S.make_mesh(tc.mesh)
-    check_batch_split(tc.batch_size, dict(mesh.shape))
-    return mesh
-
-
-def batch_sharding(mesh: jax.sharding.Mesh, batch_size: int) -> NamedSharding:
-    """[batch, width] arrays: rows over the data and fsdp axes."""
-    return NamedSharding(mesh, S.batch_spec(mesh, batch_size))
-
-
-def put_batch(batch: D.Batch, sharding: NamedSharding) -> D.Batch:
-    """A host batch placed by `sharding`, each device receiving only its rows."""
-    return jax.tree.map(lambda x: S.put(x, sharding), batch)
-
-
 # ------------------------------------------------------------------ saving
 
 
 def save_model(directory: str, config: BlueLMConfig, tokenizer, params: dict, dtype: Any,
                config_source: Optional[str] = None) -> str:
-    """Writes a converted bluelm-jax directory (params/, config.json, tokenizer.model), atomically.
+    """Writes a converted bluelm-jax directory (checkpoint.write_converted_dir), replacing one there.
 
     config_source: a config.json whose extra keys are kept (else config.to_hf_dict())."""
     from bluelm_jax import checkpoint
 
-    directory = os.path.abspath(directory)
-    with atomic_directory(directory, force=True) as tmp:
-        name = checkpoint.dtype_name(dtype)
-        host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)).astype(jnp.dtype(name)), params)
-        checkpoint.save_params(os.path.join(tmp, checkpoint.PARAMS_DIR), host)
-        raw = config.to_hf_dict()
-        if config_source and os.path.isfile(config_source):
-            with open(config_source, encoding="utf-8") as f:
-                raw = {**json.load(f), **raw}
-        raw["torch_dtype"] = name
-        with open(os.path.join(tmp, checkpoint.CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(raw, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        with open(os.path.join(tmp, checkpoint.TOKENIZER_FILE), "wb") as f:
-            f.write(tokenizer.serialized_model)
-        checkpoint.write_metadata(tmp, name, num_parameters=config.num_parameters(), source_format="bluelm-jax-train")
-    return directory
+    name = checkpoint.dtype_name(dtype)
+    base = None
+    if config_source and os.path.isfile(config_source):
+        with open(config_source, encoding="utf-8") as f:
+            base = json.load(f)
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)).astype(jnp.dtype(name)), params)
+    return checkpoint.write_converted_dir(
+        directory, lambda params_dir: checkpoint.save_params(params_dir, host), config.to_hf_json(name, base),
+        tokenizer.serialized_model, name, force=True, num_parameters=config.num_parameters(),
+        source_format="bluelm-jax-train")
 
 
 def _checkpoint_manager(out_dir: str, tc: TrainConfig):
@@ -434,9 +391,9 @@ def train(model, train_file: str, tc: TrainConfig, out_dir: Optional[str] = None
             warn(f"skipped {len(ds.skipped)} bad record(s) of {ds.path}; first: {ds.skipped[0]}")
     compute_dtype = jnp.dtype(tc.compute_dtype) if tc.compute_dtype else default_compute_dtype()
 
-    mesh = train_mesh(tc)
-    rows = batch_sharding(mesh, tc.batch_size)
-    put = lambda batch: put_batch(batch, rows)  # noqa: E731
+    mesh = S.batch_mesh(tc.mesh, tc.batch_size)
+    rows = S.batch_sharding(mesh, tc.batch_size)
+    put = lambda batch: S.put_batch(batch, rows)  # noqa: E731
     frozen = frozen_params(model, tc, mesh)
     step_fn = make_train_step(config, tc, compute_dtype, mesh)
     eval_fn = make_eval_step(config, tc, compute_dtype, mesh)

@@ -10,7 +10,7 @@ repository root with one command:
 exits 1 if there are any). tests/test_notebooks.py runs the same `execute` and `stale_cells`.
 
 Every run is made the same way, whoever starts it: a fresh IPython kernel with this checkout first
-on PYTHONPATH (so it imports this tree's `bluelm_jax` and `convert`, not another installed copy),
+on PYTHONPATH (so it imports this tree's `bluelm_jax`, not another installed copy),
 JAX on CPU, no inherited XLA_FLAGS or BLUELM_MODEL_DIR, and TMPDIR set to a directory of the
 caller's, which the notebooks must leave empty (`--write` refuses to save a notebook that does not).
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from bluelm_jax import checkpoint
-from convert.hf_to_flax import convert_hf_to_flax
+from bluelm_jax.hf.to_orbax import convert_hf_to_flax
 from tests.ft_helpers import qa_records, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

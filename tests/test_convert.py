@@ -18,8 +18,9 @@ from safetensors.numpy import save_file
 from bluelm_jax import checkpoint
 from bluelm_jax.config import preset
 from bluelm_jax.params import get_path, hf_tensors
-from convert import hf_to_flax
-from convert.hf_to_flax import convert_hf_to_flax, load_hf_params, main
+from bluelm_jax.hf import to_orbax
+from bluelm_jax.hf.cli import convert_main as main
+from bluelm_jax.hf.to_orbax import convert_hf_to_flax, load_hf_params
 from tests.hf_reference import random_hf_weights, write_hf_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,8 +96,8 @@ def test_round_trip(tmp_path, tokenizer_model, fmt, num_shards, stored, dtype, e
 
 def test_blocks_split_embedding_and_head(tmp_path, sharded_dir, monkeypatch):
     """Embedding, head and projections are written in blocks of rows/columns, the last one partial."""
-    monkeypatch.setattr(hf_to_flax, "BLOCK_BYTES", 3 * CONFIG.hidden_size * 4)  # 3 rows: 640 = 3 * 213 + 1
-    specs = hf_to_flax.leaf_specs(CONFIG, "float32")
+    monkeypatch.setattr(to_orbax, "BLOCK_BYTES", 3 * CONFIG.hidden_size * 4)  # 3 rows: 640 = 3 * 213 + 1
+    specs = to_orbax.leaf_specs(CONFIG, "float32")
     assert specs[("model", "embed_tokens", "embedding")].write_shape == (3, CONFIG.hidden_size)
     assert specs[("lm_head", "kernel")].write_shape == (CONFIG.hidden_size, 3)
     assert specs[("model", "layers", 1, "mlp", "down_proj", "kernel")].write_shape == (CONFIG.intermediate_size, 1)  # source rows of 512
@@ -305,7 +306,7 @@ def test_bin_without_torch(tmp_path, tokenizer_model, capsys, monkeypatch):
 def test_error_while_writing_removes_temp_dir(tmp_path, sharded_dir, capsys, monkeypatch):
     """A failure half-way through the Orbax write leaves nothing behind."""
     calls = []
-    to_layout = hf_to_flax._to_layout
+    to_layout = to_orbax._to_layout
 
     def failing(*args):
         calls.append(1)
@@ -313,7 +314,7 @@ def test_error_while_writing_removes_temp_dir(tmp_path, sharded_dir, capsys, mon
             raise OSError(28, "No space left on device")
         return to_layout(*args)
 
-    monkeypatch.setattr(hf_to_flax, "_to_layout", failing)
+    monkeypatch.setattr(to_orbax, "_to_layout", failing)
     out = str(tmp_path / "out")
     assert main(["--hf-dir", sharded_dir, "--out", out, "--no-progress"]) == 1
     err = capsys.readouterr().err

@@ -23,7 +23,7 @@ CASES = [  # (prompt, answer, chat)
 
 @pytest.fixture(scope="module")
 def orbax_dir(tmp_path_factory):
-    from convert.hf_to_flax import convert_hf_to_flax
+    from bluelm_jax.hf.to_orbax import convert_hf_to_flax
 
     out = tmp_path_factory.mktemp("default") / "orbax"
     convert_hf_to_flax(default_model.path(), out, progress=False)

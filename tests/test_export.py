@@ -10,9 +10,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from bluelm_jax.config import preset
-from convert import flax_to_hf
-from convert.flax_to_hf import ExportError, export_checkpoint, parse_size
-from convert.hf_to_flax import convert_hf_to_flax
+from bluelm_jax.hf import cli as hf_cli
+from bluelm_jax.hf.to_hf import ExportError, export_checkpoint, parse_size
+from bluelm_jax.hf.to_orbax import convert_hf_to_flax
 from tests.ft_helpers import greedy, qa_records, write_jsonl
 from tests.hf_reference import reference_model, write_hf_checkpoint
 
@@ -169,7 +169,7 @@ def test_out_containing_or_inside_an_input_is_refused(converted, capsys, monkeyp
     """Even with --force: one line, exit 1, the inputs untouched."""
     monkeypatch.chdir(converted)
     before = sorted(os.listdir("x/orbax")), sorted(os.listdir("a/adapter"))
-    assert flax_to_hf.main(["--ckpt", "x/orbax", *inputs, "--out", out, "--force"]) == 1
+    assert hf_cli.export_main(["--ckpt", "x/orbax", *inputs, "--out", out, "--force"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
     assert (sorted(os.listdir("x/orbax")), sorted(os.listdir("a/adapter"))) == before
@@ -178,6 +178,6 @@ def test_out_containing_or_inside_an_input_is_refused(converted, capsys, monkeyp
 
 def test_out_sharing_a_name_prefix_with_the_checkpoint_is_allowed(converted, monkeypatch):
     monkeypatch.chdir(converted)
-    assert flax_to_hf.main(["--ckpt", "x/orbax", "--out", "x/orbax-hf"]) == 0
-    assert flax_to_hf.main(["--ckpt", "x/orbax", "--out", "x/orb"]) == 0
+    assert hf_cli.export_main(["--ckpt", "x/orbax", "--out", "x/orbax-hf"]) == 0
+    assert hf_cli.export_main(["--ckpt", "x/orbax", "--out", "x/orb"]) == 0
     assert os.path.isfile("x/orbax-hf/model.safetensors") and os.path.isfile("x/orb/model.safetensors")

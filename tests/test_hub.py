@@ -15,7 +15,7 @@ import pytest
 import bluelm_jax
 from bluelm_jax import hub
 from bluelm_jax.config import preset
-from convert.hf_to_flax import main as convert_main
+from bluelm_jax.hf.cli import convert_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO = "vivo-ai/BlueLM-tiny-test"

@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 from bluelm_jax import atomic_dir
 from bluelm_jax.config import preset
 from bluelm_jax.params import hf_tensors
-from convert import hf_to_flax
+from bluelm_jax.hf.cli import convert_main
 from tests.ft_helpers import qa_records, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -214,7 +214,7 @@ def test_temporary_of_an_ended_writer_is_removed(hf_checkpoint, tmp_path, capsys
     ended.wait()
     out = tmp_path / "out"
     tmp = fake_temporary(out, ended.pid)
-    assert hf_to_flax.main(["--hf-dir", hf_checkpoint("tiny"), "--out", str(out), "--no-progress"]) == 0
+    assert convert_main(["--hf-dir", hf_checkpoint("tiny"), "--out", str(out), "--no-progress"]) == 0
     assert not os.path.exists(tmp)
     assert capsys.readouterr().err.splitlines() == [
         f"removed the unfinished temporary directory {tmp} (left by process {ended.pid}, no longer running)"]
@@ -225,7 +225,7 @@ def test_temporary_of_a_running_writer_is_kept(hf_checkpoint, tmp_path, capsys):
     try:
         out = tmp_path / "out"
         tmp = fake_temporary(out, running.pid)
-        assert hf_to_flax.main(["--hf-dir", hf_checkpoint("tiny"), "--out", str(out), "--no-progress"]) == 0
+        assert convert_main(["--hf-dir", hf_checkpoint("tiny"), "--out", str(out), "--no-progress"]) == 0
         assert os.path.isdir(os.path.join(tmp, "params"))
         assert capsys.readouterr().err == ""
         assert not os.path.exists(os.path.join(out, atomic_dir.WRITER_FILE))  # the marker is not part of the output

@@ -28,7 +28,7 @@ import sys
 import pytest
 
 from bluelm_jax.config import BlueLMConfig
-from convert.hf_to_flax import convert_hf_to_flax
+from bluelm_jax.hf.to_orbax import convert_hf_to_flax
 from tests.hf_reference import write_hf_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,7 @@ CONFIG = BlueLMConfig(vocab_size=8000, hidden_size=768, intermediate_size=3072, 
 MEASURE = """
 import json, sys
 import jax, bluelm_jax
-import bluelm_jax.tokenizer, convert.hf_to_flax  # what load() imports, outside the measure
+import bluelm_jax.tokenizer, bluelm_jax.hf.to_orbax  # what load() imports, outside the measure
 def status_kb(field):  # VmRSS now, VmHWM peak; unlike ru_maxrss, not inherited from the parent
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))

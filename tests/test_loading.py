@@ -15,7 +15,7 @@ import bluelm_jax
 from bluelm_jax import checkpoint
 from bluelm_jax.config import preset
 from bluelm_jax.params import flatten, get_path, param_shapes, set_path
-from convert.hf_to_flax import convert_hf_to_flax
+from bluelm_jax.hf.to_orbax import convert_hf_to_flax
 from tests.hf_reference import write_hf_checkpoint
 
 CONFIG = preset("tiny")  # vocab 640 >= the test tokenizer's 600 pieces

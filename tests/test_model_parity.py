@@ -11,7 +11,7 @@ import torch
 
 import bluelm_jax
 from bluelm_jax.config import preset
-from convert.hf_to_flax import convert_hf_to_flax
+from bluelm_jax.hf.to_orbax import convert_hf_to_flax
 from tests.hf_reference import assert_reference_rope_intact, random_hf_weights, reference_model
 
 SEQ = 320

@@ -1,5 +1,5 @@
-"""Two real processes on localhost (4 CPU devices each, gloo collectives) decode exactly the
-tokens of the single-process run."""
+"""Two real processes on localhost (4 CPU devices each, gloo collectives) generate, with the
+library's generation, exactly the tokens of the single-process run."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bluelm_jax import distributed
-from tests.sharded_greedy import CONFIG, greedy, prompts, random_params
+from tests.sharding_data import CONFIG, greedy_ids, model_of, prompt_logits, prompts, random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,15 +45,15 @@ def test_two_processes_generate_the_single_process_tokens(tmp_path):
         assert p.returncode == 0, f"process {i} failed:\n{logs[i][-4000:]}"
     assert "multihost worker done" in logs[0] and "multihost worker done" not in logs[1]  # only process 0 prints
 
-    tokens, start = prompts(CONFIG)
-    ref_ids, ref_last = greedy(jax.device_put(random_params(CONFIG, seed=0), jax.devices()[0]), tokens, start)[:2]
+    single = model_of(jax.device_put(random_params(CONFIG, seed=0), jax.devices()[0]))
+    ref_ids, ref_logits = greedy_ids(single, prompts(CONFIG)), prompt_logits(single, prompts(CONFIG))
     for out in outs:
         result = json.loads(out.read_text())
         assert (result["process_count"], result["devices"], result["local_devices"]) == (2, 8, 4)
         for mesh_spec, run in result["runs"].items():
             assert run["local_shards"] == 4  # each process holds only its own devices' shards
-            np.testing.assert_array_equal(np.asarray(run["ids"]), ref_ids, err_msg=mesh_spec)
-            np.testing.assert_allclose(np.asarray(run["last"]), ref_last, atol=1e-4, err_msg=mesh_spec)
+            assert run["ids"] == ref_ids, mesh_spec
+            np.testing.assert_allclose(np.asarray(run["logits"]), ref_logits, atol=1e-4, err_msg=mesh_spec)
         assert result["runs"]["data=2,tensor=4"]["gate_proj_shard_shapes"] == [[256, 128]]
         assert result["runs"]["data=1,tensor=8"]["gate_proj_shard_shapes"] == [[256, 64]]
 

@@ -1,4 +1,4 @@
-"""Meshes, the sharding rule of every parameter, and sharded greedy decoding on 8 simulated devices."""
+"""Meshes, the sharding rule of every parameter, and the library's generation sharded over 8 simulated devices."""
 
 import json
 
@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 from bluelm_jax import checkpoint, sharding
 from bluelm_jax.config import preset
 from bluelm_jax.params import LAYERS, flatten, param_shapes, path_name
-from tests.sharded_greedy import CONFIG, greedy, prompts, random_params
+from tests.sharding_data import CONFIG, NEW_TOKENS, greedy_ids, model_of, prompt_logits, prompts, random_params
 
 MESHES = ["data=1,tensor=8", "data=2,tensor=4", "data=8,tensor=1"]
 
@@ -22,11 +22,12 @@ def host_params():
 
 @pytest.fixture(scope="module")
 def reference(host_params):
-    """Greedy ids and last logits on one device, no mesh."""
-    tokens, start = prompts(CONFIG)
-    ids, last, _ = greedy(jax.device_put(host_params, jax.devices()[0]), tokens, start)
-    assert len(np.unique(ids)) >= 10  # varied tokens: a sharding bug cannot hide behind a constant output
-    return ids, last
+    """Greedy ids and the prompts' logits on one device, no mesh."""
+    model = model_of(jax.device_put(host_params, jax.devices()[0]))
+    ids = greedy_ids(model, prompts(CONFIG))
+    assert len({t for row in ids for t in row}) >= 10  # varied tokens: a sharding bug cannot hide behind a constant
+    assert sum(map(len, ids)) > 4 * NEW_TOKENS  # most rows run on past the first tokens
+    return ids, prompt_logits(model, prompts(CONFIG))
 
 
 def test_eight_simulated_devices():
@@ -150,22 +151,27 @@ def check_each_device_holds_its_shard(params, mesh):
 
 
 @pytest.mark.parametrize("mesh_spec", MESHES)
-def test_sharded_greedy_equals_single_device(mesh_spec, host_params, reference):
+def test_sharded_generation_equals_single_device(mesh_spec, host_params, reference):
+    from bluelm_jax.generate import GenerationSettings, prefill
+    from bluelm_jax.planning import make_plan
+
     mesh = sharding.make_mesh(mesh_spec)
     params = sharding.shard_params(host_params, CONFIG, mesh)
     split = check_each_device_holds_its_shard(params, mesh)
     # embedding and head, and per layer the 7 projections (tensor=8: not the 2 of the 4 KV heads)
     per_layer = 0 if mesh.shape["tensor"] == 1 else (7 if mesh.shape["tensor"] == 4 else 5)
     assert split == (0 if per_layer == 0 else 2 + per_layer * CONFIG.num_hidden_layers)
-    tokens, start = prompts(CONFIG)
-    ids, last, cache = greedy(params, tokens, start, mesh=mesh)
-    ref_ids, ref_last = reference
-    np.testing.assert_array_equal(ids, ref_ids)
-    np.testing.assert_allclose(last, ref_last, atol=1e-4)
-    # the KV cache: rows on data, KV heads on tensor (when they divide)
-    want = expected_shard_shape(cache.k.shape, sharding.cache_spec(mesh, 8, CONFIG.num_key_value_heads), mesh)
-    assert cache.k.sharding.spec == sharding.cache_spec(mesh, 8, CONFIG.num_key_value_heads)
-    assert {s.data.shape for s in cache.k.addressable_shards} == {want}
+    model = model_of(params, mesh)
+    ref_ids, ref_logits = reference
+    assert greedy_ids(model, prompts(CONFIG)) == ref_ids
+    np.testing.assert_allclose(prompt_logits(model, prompts(CONFIG)), ref_logits, atol=1e-4)
+    # the KV cache of the library's prefill: rows on data, KV heads on tensor (when they divide)
+    plan = make_plan(model, prompts(CONFIG), GenerationSettings(max_new_tokens=NEW_TOKENS))
+    with sharding.use(mesh):
+        cache = prefill(model, plan).cache
+    spec = sharding.cache_spec(mesh, 8, CONFIG.num_key_value_heads)
+    assert cache.k.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec), cache.k.ndim)
+    assert {s.data.shape for s in cache.k.addressable_shards} == {expected_shard_shape(cache.k.shape, spec, mesh)}
 
 
 def test_checkpoint_saved_on_one_mesh_restores_onto_another(tmp_path, host_params, reference):
@@ -175,13 +181,11 @@ def test_checkpoint_saved_on_one_mesh_restores_onto_another(tmp_path, host_param
     checkpoint.save_params(directory / checkpoint.PARAMS_DIR, sharding.shard_params(host_params, CONFIG, saved_on))
     checkpoint.write_metadata(directory, "float32")
     (directory / checkpoint.CONFIG_FILE).write_text(json.dumps(CONFIG.to_hf_dict()))
-    tokens, start = prompts(CONFIG)
     for target in ("data=8,tensor=1", "data=1,tensor=8"):
         mesh = sharding.make_mesh(target)
         params = checkpoint.restore_params(directory, CONFIG, shardings=sharding.param_shardings(CONFIG, mesh))
         check_each_device_holds_its_shard(params, mesh)
-        ids, _, _ = greedy(params, tokens, start, mesh=mesh)
-        np.testing.assert_array_equal(ids, reference[0])
+        assert greedy_ids(model_of(params, mesh), prompts(CONFIG)) == reference[0]
     abstract = checkpoint.abstract_params(CONFIG, "float32", sharding.param_shardings(CONFIG, mesh))
     head = abstract["lm_head"]["kernel"]
     assert head.sharding.spec == P(None, "tensor") and head.shape == (256, 640)
@@ -202,7 +206,7 @@ def test_load_onto_a_mesh_then_generate(hf_checkpoint, tmp_path):
     generation gives the single-device tokens."""
     import bluelm_jax
     from bluelm_jax.generate import generate
-    from convert.hf_to_flax import convert_hf_to_flax
+    from bluelm_jax.hf.to_orbax import convert_hf_to_flax
 
     out = tmp_path / "converted"
     convert_hf_to_flax(hf_checkpoint("tiny-gqa"), out, dtype="float32", progress=False)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from bluelm_jax import data as D
+from bluelm_jax import sharding as S
 from bluelm_jax import train as T
 from bluelm_jax.config import BlueLMConfig, preset
 from bluelm_jax.tokenizer import BlueLMTokenizer
@@ -118,7 +119,7 @@ def test_kill_and_resume_reaches_the_same_parameters(tok, train_file, tmp_path, 
     loaded = bluelm_jax.load(resumed.model_dir)
     assert tree_equal(loaded.params, resumed.params)
     # the last checkpoint restores onto the mesh, each device receiving only its shard
-    mesh = T.train_mesh(tc)
+    mesh = S.batch_mesh(tc.mesh, tc.batch_size)
     manager = T._checkpoint_manager(str(tmp_path / "b"), tc)
     state, position = T._restore(manager, 6, T.abstract_state(config, tc, mesh))
     manager.close()
@@ -217,13 +218,13 @@ def test_each_device_holds_only_its_shard(tok, train_file, spec):
     from bluelm_jax.sharding import param_shardings
 
     model, tc = _tiny(tok, SHARDED), _sharded_tc(spec)
-    mesh = T.train_mesh(tc)
+    mesh = S.batch_mesh(tc.mesh, tc.batch_size)
     batch = D.make_batch(D.load_dataset(train_file, tok, 64).examples[:8], 8, 64, CONFIG.pad_token_id)
     step = T.make_train_step(SHARDED, tc, jnp.dtype(jnp.float32), mesh)
-    state, metrics = step(T.init_state(model, tc, mesh), {}, T.put_batch(batch, T.batch_sharding(mesh, 8)))
+    state, metrics = step(T.init_state(model, tc, mesh), {}, S.put_batch(batch, S.batch_sharding(mesh, 8)))
     assert np.isfinite(float(metrics["loss"]))
     _assert_sharded_like_params(state, SHARDED, mesh)
-    tokens = T.put_batch(batch, T.batch_sharding(mesh, 8)).inputs
+    tokens = S.put_batch(batch, S.batch_sharding(mesh, 8)).inputs
     assert {s.data.shape for s in tokens.addressable_shards} == {(8 // (mesh.shape.get("data", 1)
                                                                        * mesh.shape.get("fsdp", 1)), 64)}
 
@@ -231,7 +232,7 @@ def test_each_device_holds_only_its_shard(tok, train_file, spec):
     frozen = T.frozen_params(model, lora_tc, mesh)
     assert jax.tree.map(lambda x: x.sharding, frozen) == param_shardings(SHARDED, mesh)
     state, _ = T.make_train_step(SHARDED, lora_tc, jnp.dtype(jnp.float32), mesh)(
-        T.init_state(model, lora_tc, mesh), frozen, T.put_batch(batch, T.batch_sharding(mesh, 8)))
+        T.init_state(model, lora_tc, mesh), frozen, S.put_batch(batch, S.batch_sharding(mesh, 8)))
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves((state.params, state.opt_state)))
 
 
@@ -242,9 +243,11 @@ def test_mesh_setting_is_checked():
         with pytest.raises(ValueError, match=message):
             T.TrainConfig(batch_size=8, mesh=bad)
     with pytest.raises(ValueError, match="needs 16 devices, 8 present"):
-        T.train_mesh(T.TrainConfig(batch_size=16, mesh="data=16"))
-    assert dict(T.train_mesh(T.TrainConfig(batch_size=4, mesh="fsdp=2,tensor=-1")).shape) == {"fsdp": 2, "tensor": 4}
-    assert dict(T.train_mesh(T.TrainConfig(batch_size=6)).shape) == {"data": 6}  # the most devices dividing 6
+        S.batch_mesh("data=16", 16)
+    assert dict(S.batch_mesh("fsdp=2,tensor=-1", 4).shape) == {"fsdp": 2, "tensor": 4}
+    assert dict(S.batch_mesh(None, 6).shape) == {"data": 6}  # the most devices dividing 6
+    with pytest.raises(S.MeshError, match="batch_size 6 is not divisible by the 4 batch shards"):
+        S.batch_mesh("data=2,fsdp=2,tensor=2", 6)
 
 
 def test_data_parallel_matches_one_device(tok, train_file):

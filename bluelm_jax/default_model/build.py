@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     from bluelm_jax.model import init_params
     from bluelm_jax.tokenizer import BlueLMTokenizer
     from bluelm_jax.train import TrainConfig, train
-    from convert.flax_to_hf import export_params
+    from bluelm_jax.hf.to_hf import export_params
 
     tok_bytes = train_tokenizer(corpus.tokenizer_sentences())
     tok = BlueLMTokenizer(model_proto=tok_bytes)

@@ -1,0 +1,214 @@
+"""Hugging Face BlueLM checkpoint -> a converted bluelm-jax (Orbax) directory, or parameters in memory.
+
+    convert_hf_to_flax(hf_dir, out_dir, dtype="auto")   # the command line: bluelm-convert (hf/cli.py)
+    load_hf_params(hf_dir, config)                      # what load() of a Hugging Face dir reads
+
+Tensors are read one at a time (reader.py), renamed, transposed ([out, in] -> [in, out]) and
+cast, and written block by block (up to ~64 MB of rows) straight into the Orbax arrays, one
+leaf per tensor at its module path (params.py): peak memory is a few blocks plus the
+tensor being read, never the checkpoint. The output is written into a temporary
+directory beside `out_dir` and renamed into place at the end; on any error it is removed.
+`out_dir` may not be, contain or lie inside `hf_dir` (so that `force` never deletes the
+checkpoint being read).
+
+tokenizer.model is required: every BlueLM release ships it, and `bluelm_jax.load()`
+needs it beside the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, Iterator, Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+from bluelm_jax import checkpoint, hub, interrupts
+from bluelm_jax.atomic_dir import refuse_existing, refuse_overlap
+from bluelm_jax.config import BlueLMConfig
+from bluelm_jax.params import (IGNORED_HF_TENSORS, HFTensor, PathT, flatten, get_path, hf_tensors, param_shapes,
+                               set_path)
+from bluelm_jax.hf.reader import HFCheckpoint
+
+BLOCK_BYTES = 64 * 1024 * 1024  # largest block of a leaf written at once
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+class ConversionError(ValueError):
+    """A Hugging Face directory that does not hold the checkpoint its config.json describes."""
+
+
+# ------------------------------------------------------------------ checking
+
+
+def check_tensors(ckpt: HFCheckpoint, config: BlueLMConfig) -> dict[str, HFTensor]:
+    """Expected tensors by name; raises ConversionError on missing, unexpected, mis-shaped or non-float ones."""
+    expected = {t.hf_name: t for t in hf_tensors(config)}
+    present = {n for n in ckpt.entries if not IGNORED_HF_TENSORS.search(n)}
+    missing = [n for n in expected if n not in present]
+    if missing:
+        raise ConversionError(f"{ckpt.directory}: {len(missing)} tensor(s) missing: {_names(missing)}")
+    unexpected = sorted(present - set(expected))
+    if unexpected:
+        raise ConversionError(f"{ckpt.directory}: {len(unexpected)} unexpected tensor(s): {_names(unexpected)}")
+    for name, t in expected.items():
+        entry = ckpt.entries[name]
+        if entry.shape != t.hf_shape:
+            raise ConversionError(
+                f"{entry.file}: tensor {name} has shape {list(entry.shape)}, expected {list(t.hf_shape)} "
+                f"(from config.json)")
+        if entry.dtype.name not in FLOAT_DTYPES:
+            raise ConversionError(f"{entry.file}: tensor {name} has dtype {entry.dtype.name}, expected floating point")
+    return expected
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def resolve_dtype(dtype: Optional[str], ckpt: HFCheckpoint) -> str:
+    """'bfloat16' or 'float32'. auto/None keeps bfloat16 or float32 as stored; float16/float64 become float32."""
+    if dtype not in (None, "auto"):
+        return checkpoint.dtype_name(dtype)
+    stored = ckpt.entries["model.embed_tokens.weight"].dtype.name
+    return stored if stored in checkpoint.PARAM_DTYPES else "float32"
+
+
+# ------------------------------------------------------------------ blocks
+
+
+def _block_rows(rows: int, row_bytes: int) -> int:
+    """Rows of a tensor converted and written at once."""
+    return max(1, min(rows, BLOCK_BYTES // max(row_bytes, 1)))
+
+
+def leaf_specs(config: BlueLMConfig, dtype: str) -> dict[PathT, checkpoint.LeafSpec]:
+    """Shape, dtype and block shape of every leaf, matching the blocks of `converted_blocks`."""
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    transposed = {t.path: t.transpose for t in hf_tensors(config)}
+    specs = {}
+    for path, shape in flatten(param_shapes(config)):
+        if len(shape) == 2:
+            axis = 1 if transposed[path] else 0  # the axis of the source's rows
+            rows = _block_rows(shape[axis], shape[1 - axis] * np_dtype.itemsize)
+            write = (shape[0], rows) if axis else (rows, shape[1])
+        else:
+            write = shape
+        specs[path] = checkpoint.LeafSpec(shape, np_dtype, write)
+    return specs
+
+
+def _transpose(a: np.ndarray) -> np.ndarray:
+    """Contiguous transpose of a 2-D array (through a native integer view for bfloat16)."""
+    native = {2: np.uint16, 4: np.uint32, 8: np.uint64}[a.itemsize]
+    return np.ascontiguousarray(a.view(native).T).view(a.dtype)
+
+
+def _to_layout(src: np.ndarray, transpose: bool, dtype: np.dtype) -> np.ndarray:
+    """Cast to `dtype`, then transpose when the HF tensor is [out, in]."""
+    a = src if src.dtype == dtype else src.astype(dtype)
+    return _transpose(a) if transpose else np.ascontiguousarray(a)
+
+
+def _row_blocks(src: np.ndarray, spec: checkpoint.LeafSpec, transpose: bool) -> Iterator[tuple[tuple, np.ndarray]]:
+    """Blocks of rows of a 2-D source [n, k] -> rows of the leaf, or its columns when transposed."""
+    n = src.shape[0]
+    rows = spec.write_shape[1] if transpose else spec.write_shape[0]
+    for a in range(0, n, rows):
+        b = min(a + rows, n)
+        index = (slice(None), slice(a, b)) if transpose else (slice(a, b),)
+        yield index, _to_layout(src[a:b], transpose, spec.dtype)
+
+
+def converted_blocks(ckpt: HFCheckpoint, expected: dict[str, HFTensor], specs: dict[PathT, checkpoint.LeafSpec],
+                     progress: Any = None) -> Iterator[checkpoint.Block]:
+    """Reads each expected tensor once and yields (leaf path, index, block) in our layout."""
+    for name, src in ckpt.tensors(set(expected)):
+        t = expected[name]
+        spec = specs[t.path]
+        if src.ndim == 2:
+            blocks = _row_blocks(src, spec, t.transpose)
+        else:
+            blocks = [((), _to_layout(src, False, spec.dtype))]
+        for index, value in blocks:
+            yield t.path, index, value
+            if progress is not None:
+                progress.update(value.nbytes)
+            interrupts.check()
+        del src
+
+
+def load_hf_params(hf_dir: str | os.PathLike, config: BlueLMConfig, dtype: Optional[str] = None) -> dict:
+    """Reads a Hugging Face checkpoint into a parameter tree of numpy arrays (in memory).
+
+    The arrays are allocated once, aligned (`checkpoint.aligned_empty`, so that jax adopts
+    them on CPU without a copy), and filled block by block from the memory-mapped tensors.
+    """
+    ckpt = HFCheckpoint(hf_dir)
+    expected = check_tensors(ckpt, config)
+    specs = leaf_specs(config, resolve_dtype(dtype, ckpt))
+    checkpoint.return_large_frees_to_the_os()
+    tree: dict = {}
+    for path, s in specs.items():
+        set_path(tree, path, checkpoint.aligned_empty(s.shape, s.dtype))
+    for path, index, value in converted_blocks(ckpt, expected, specs):
+        get_path(tree, path)[index] = value
+    return tree
+
+
+# ------------------------------------------------------------------ conversion
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionSummary:
+    out_dir: str
+    tensors: int
+    parameters: int
+    bytes: int
+    dtype: str
+    seconds: float
+
+    def line(self) -> str:
+        return (f"converted {self.tensors} tensors, {self.parameters:,} parameters, {self.bytes / 1e9:.2f} GB "
+                f"{self.dtype} in {self.seconds:.1f} s -> {self.out_dir}")
+
+
+def convert_hf_to_flax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: Optional[str] = "auto",
+                       force: bool = False, progress: bool = True) -> ConversionSummary:
+    """Converts `hf_dir` into a new bluelm-jax directory `out_dir`, atomically; raises on bad input."""
+    start = time.perf_counter()
+    hf_dir, out_dir = os.path.abspath(hub.resolve(hf_dir)), os.path.abspath(out_dir)
+    if not os.path.isdir(hf_dir):
+        raise ConversionError(f"{hf_dir}: not a directory")
+    refuse_overlap(out_dir, hf_dir, "Hugging Face directory", ConversionError)
+    refuse_existing(out_dir, force, ConversionError)
+    config_file = os.path.join(hf_dir, checkpoint.CONFIG_FILE)
+    config = BlueLMConfig.from_json_file(config_file)
+    tokenizer_file = os.path.join(hf_dir, checkpoint.TOKENIZER_FILE)
+    if not os.path.isfile(tokenizer_file):
+        raise ConversionError(f"{tokenizer_file}: missing (BlueLM checkpoints ship it; load() needs it)")
+    ckpt = HFCheckpoint(hf_dir)
+    expected = check_tensors(ckpt, config)
+    dtype = resolve_dtype(dtype, ckpt)
+    specs = leaf_specs(config, dtype)
+    total_bytes = sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in specs.values())
+
+    parameters = sum(int(np.prod(t.hf_shape)) for t in expected.values())
+    with open(config_file, "rb") as f:
+        config_bytes = f.read()  # kept as released
+    with open(tokenizer_file, "rb") as f:
+        tokenizer_model = f.read()
+
+    from tqdm import tqdm
+
+    def write_params(params_dir: str) -> None:
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress,
+                  file=sys.stderr) as bar:
+            checkpoint.save_params_streaming(params_dir, specs, converted_blocks(ckpt, expected, specs, bar))
+
+    checkpoint.write_converted_dir(out_dir, write_params, config_bytes, tokenizer_model, dtype, force,
+                                   ConversionError, num_parameters=parameters, source_format=ckpt.format)
+    return ConversionSummary(out_dir, len(expected), parameters, total_bytes, dtype, time.perf_counter() - start)
