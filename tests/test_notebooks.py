@@ -41,7 +41,12 @@ def committed(name):
 
 
 def test_quickstart(executed):
-    out = printed(executed("quickstart")[0])
+    nb = executed("quickstart")[0]
+    out = printed(nb)
+    assert "model.layers[0].self_attn.q_proj.kernel (256, 256) float32" in out
+    html = [o.data["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+            if o.output_type == "display_data" and "text/html" in o.data]
+    assert any("treescope" in h for h in html)  # the module tree, drawn by treescope
     assert "The capital of France is Paris." in out and "儿童节是六月一日。" in out
     assert "我是BlueLM-tiny，一个由bluelm-jax项目训练的小型演示模型。" in out and "中国的首都是北京。" in out
     assert "removed: True" in out
