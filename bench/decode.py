@@ -94,16 +94,16 @@ def bytes_per_step(config: BlueLMConfig) -> int:
     return 4 * (config.num_parameters() - config.vocab_size * config.hidden_size)
 
 
-def ours_runner(model, prompts, new_tokens: int):
-    """A function timing one decode loop of bluelm-jax: seconds per step (compiled on creation)."""
-    plan = make_plan(model, prompts, GenerationSettings(max_new_tokens=new_tokens, add_bos=False))
-    until = jnp.int32(plan.width)
+def decode_runner(prefill, decode_loop, new_tokens: int):
+    """A function timing one decode loop: seconds per step (compiled on creation).
+
+    prefill() -> the state after the prompt; decode_loop(state) -> the state after the loop."""
 
     def run() -> float:
-        state = G.prefill(model, plan)
+        state = prefill()
         jax.block_until_ready(state)
         t = time.perf_counter()
-        state = decode.decode_loop(model.params, state, plan.request, until, static=plan.static)
+        state = decode_loop(state)
         jax.block_until_ready(state)
         elapsed = time.perf_counter() - t
         steps = int(state.step) - 1  # the prefill produced the first token
@@ -112,6 +112,15 @@ def ours_runner(model, prompts, new_tokens: int):
 
     run()  # compiles
     return run
+
+
+def ours_runner(model, prompts, new_tokens: int):
+    """`decode_runner` of bluelm-jax's generation."""
+    plan = make_plan(model, prompts, GenerationSettings(max_new_tokens=new_tokens, add_bos=False))
+    until = jnp.int32(plan.width)
+    return decode_runner(lambda: G.prefill(model, plan),
+                         lambda state: decode.decode_loop(model.params, state, plan.request, until, static=plan.static),
+                         new_tokens)
 
 
 def reference_runner(ref, prompts, new_tokens: int):
@@ -173,20 +182,9 @@ def baseline_runner(baseline: dict, model, prompts, new_tokens: int):
     plan = BG._plan(old, prompts, max_new_tokens=new_tokens, temperature=0.0, top_p=1.0, top_k=0,
                     repetition_penalty=1.0, seed=0, stop=None, chat=False, add_bos=False)
     until = jnp.int32(plan.width)
-
-    def run() -> float:
-        state = BG._prefill_plan(old, plan)
-        jax.block_until_ready(state)
-        t = time.perf_counter()
-        state = BG._decode_loop_jit(old.params, state, plan.request, until, static=plan.static)
-        jax.block_until_ready(state)
-        elapsed = time.perf_counter() - t
-        steps = int(state.step) - 1
-        assert steps == new_tokens - 1, (steps, new_tokens)
-        return elapsed / steps
-
-    run()  # compiles
-    return run
+    return decode_runner(lambda: BG._prefill_plan(old, plan),
+                         lambda state: BG._decode_loop_jit(old.params, state, plan.request, until, static=plan.static),
+                         new_tokens)
 
 
 def compare(runners: list, repeats: int, statistic: str = "median") -> list[float]:

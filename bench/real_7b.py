@@ -68,10 +68,11 @@ def run_jax(args) -> dict:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import bluelm_jax
     from bluelm_jax import generate as G
+    from bluelm_jax.planning import encode_prompts
 
     model, load_s = timed(lambda: bluelm_jax.load(args.orbax_dir))
     load_peak = peak_rss_gb()
-    short = G.encode_prompts(model, [SHORT_PROMPT])[0]
+    short = encode_prompts(model, [SHORT_PROMPT])[0]
 
     def generate_n(ids, n):
         return G.generate(model, ids, max_new_tokens=n).ids[0]
