@@ -30,7 +30,6 @@ import sys
 from typing import Iterable, Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -270,12 +269,6 @@ def shard_params(params: dict, config: BlueLMConfig, mesh: Mesh) -> dict:
 def batch_spec(mesh, batch: int, *rest: Optional[str]) -> P:
     """[batch, ...] arrays (tokens, positions, start): rows on data (and fsdp) when they divide."""
     return P(_fits(BATCH, batch, _axis_sizes(mesh)), *rest)
-
-
-def cache_spec(mesh, batch: int, kv_heads: int) -> P:
-    """KV cache k/v [layers, batch, max_len, kv_heads, head_dim]: rows on data, KV heads on tensor."""
-    sizes = _axis_sizes(mesh)
-    return P(None, _fits(BATCH, batch, sizes), None, _fits(TENSOR, kv_heads, sizes), None)
 
 
 # --------------------------------------------------------------------------- activations

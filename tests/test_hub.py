@@ -14,7 +14,6 @@ import pytest
 
 import bluelm_jax
 from bluelm_jax import hub
-from bluelm_jax.config import preset
 from bluelm_jax.hf.cli import convert_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

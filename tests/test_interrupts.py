@@ -19,7 +19,6 @@ import time
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from bluelm_jax import atomic_dir
 from bluelm_jax.config import preset

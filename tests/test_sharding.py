@@ -120,8 +120,10 @@ def test_partition_spec_of_every_parameter():
     layer_1 = (*LAYERS, 1, "self_attn")
     assert sharding.param_spec((*layer_1, "k_proj", "kernel"), CONFIG, mesh) == P(None, None)
     assert sharding.param_spec((*layer_1, "q_proj", "kernel"), CONFIG, mesh) == P(None, "tensor")
-    assert sharding.cache_spec(mesh, 8, CONFIG.num_key_value_heads) == P(None, None, None, None, None)
-    assert sharding.cache_spec(sharding.make_mesh("data=2,tensor=4"), 8, 32) == P(None, "data", None, "tensor", None)
+    cache_shape = (CONFIG.num_hidden_layers, 8, 64, CONFIG.num_key_value_heads, CONFIG.head_dim)
+    assert sharding.activation_spec("kv_cache", cache_shape, mesh) == P(None, None, None, None, None)
+    assert (sharding.activation_spec("kv_cache", (2, 8, 64, 32, 128), sharding.make_mesh("data=2,tensor=4"))
+            == P(None, "data", None, "tensor", None))
     with pytest.raises(KeyError, match="no sharding rule"):
         sharding.param_spec((*layer_1, "qkv", "kernel"), config, mesh)
 
@@ -169,7 +171,7 @@ def test_sharded_generation_equals_single_device(mesh_spec, host_params, referen
     plan = make_plan(model, prompts(CONFIG), GenerationSettings(max_new_tokens=NEW_TOKENS))
     with sharding.use(mesh):
         cache = prefill(model, plan).cache
-    spec = sharding.cache_spec(mesh, 8, CONFIG.num_key_value_heads)
+    spec = sharding.activation_spec("kv_cache", cache.k.shape, mesh)
     assert cache.k.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec), cache.k.ndim)
     assert {s.data.shape for s in cache.k.addressable_shards} == {expected_shard_shape(cache.k.shape, spec, mesh)}
 
