@@ -1,7 +1,7 @@
 """Benchmark: BlueLM-7B's exact shape (random bf16 weights) on CPU, bluelm-jax against transformers.
 
     python bench/real_7b.py [--workdir /work/big/bluelm-7b] [--hf-dir DIR] [--orbax-dir DIR]
-                            [--new-tokens 16] [--long-prompt 1000] [--keep]
+                            [--new-tokens 16] [--long-prompt 1000] [--sides jax,transformers] [--keep]
 
 Writes the random checkpoint (`bench/convert_7b.py`) and converts it, unless --hf-dir and
 --orbax-dir name existing ones. Then each side runs in its own subprocess (so that their
@@ -12,7 +12,10 @@ prompt and from a --long-prompt-token prompt, and reports
     first call) and a second call of the same prompt;
   * decode seconds per token: (time of N new tokens - time of 1) / (N - 1), both warm.
 transformers runs LlamaForCausalLM in bfloat16, loaded lazily from the same safetensors,
-with BlueLM's embedding LayerNorm hooked onto the embedding module.
+with BlueLM's embedding LayerNorm hooked onto the embedding module. Sides: `jax` (load()'s
+default: the WEIGHT layout, projections [out, in]), `jax-kernel` (load(layout="kernel"), the
+layout before it; for a before/after in one run) and `transformers`; each bluelm-jax side's
+decode time is divided by transformers'.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SHORT_PROMPT = "Hello, how are"
+SIDES = ("jax", "jax-kernel", "transformers")
 
 
 def peak_rss_gb() -> float:
@@ -70,14 +74,15 @@ def run_jax(args) -> dict:
     from bluelm_jax import generate as G
     from bluelm_jax.planning import encode_prompts
 
-    model, load_s = timed(lambda: bluelm_jax.load(args.orbax_dir))
+    layout = "kernel" if args.worker == "jax-kernel" else None
+    model, load_s = timed(lambda: bluelm_jax.load(args.orbax_dir, layout=layout))
     load_peak = peak_rss_gb()
     short = encode_prompts(model, [SHORT_PROMPT])[0]
 
     def generate_n(ids, n):
         return G.generate(model, ids, max_new_tokens=n).ids[0]
 
-    results = {"side": "bluelm-jax", "load_s": load_s, "load_peak_gb": load_peak,
+    results = {"side": f"bluelm-jax ({model.layout} layout)", "load_s": load_s, "load_peak_gb": load_peak,
                "short": measure_prompt(generate_n, short, args.new_tokens)}
     if args.long_prompt:
         results["long"] = measure_prompt(generate_n, long_prompt_ids(args.long_prompt, model.config.vocab_size),
@@ -188,11 +193,15 @@ def table(results: list[dict]) -> str:
                 rows.append(f"| {r['side']} | {r['load_s']:.1f} | {r['load_peak_gb']:.2f} | {r['peak_gb']:.2f} | "
                             f"{p['prompt_tokens']} | {p['ttft_first_s']:.2f} | {p['ttft_warm_s']:.2f} | "
                             f"{p['decode_s_per_token']:.3f} |")
-    if len(results) == 2:
+    reference = [r for r in results if r["side"].startswith("transformers")]
+    rows.append("")
+    for r in results:
         for key in ("short", "long"):
-            if key in results[0] and key in results[1]:
-                ratio = results[0][key]["decode_s_per_token"] / results[1][key]["decode_s_per_token"]
-                rows.append(f"\ndecode ratio bluelm-jax / transformers ({key} prompt): {ratio:.2f}")
+            if reference and r is not reference[0] and key in r and key in reference[0]:
+                ratio = r[key]["decode_s_per_token"] / reference[0][key]["decode_s_per_token"]
+                same = r[key]["tokens"] == reference[0][key]["tokens"]
+                rows.append(f"{r['side']} / transformers, {key} prompt: decode time x{ratio:.2f}, "
+                            f"greedy tokens equal: {same}")
     return "\n".join(rows)
 
 
@@ -205,12 +214,14 @@ def main() -> None:
     parser.add_argument("--long-prompt", type=int, default=1000, help="tokens of the long prompt (0: skip it)")
     parser.add_argument("--sides", default="jax,transformers")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints it wrote")
-    parser.add_argument("--worker", choices=("jax", "transformers"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2")
+    if not set(args.sides.split(",")) <= set(SIDES):
+        parser.error(f"--sides: each one of {', '.join(SIDES)}")
     if args.worker:
-        print(json.dumps((run_jax if args.worker == "jax" else run_transformers)(args)))
+        print(json.dumps((run_transformers if args.worker == "transformers" else run_jax)(args)))
         return
     wrote = not (args.hf_dir and args.orbax_dir)
     try:
@@ -219,11 +230,6 @@ def main() -> None:
         for r in results:
             print(json.dumps({k: v for k, v in r.items()}), flush=True)
         print(table(results))
-        if len(results) == 2:
-            for key in ("short", "long"):
-                if key in results[0] and key in results[1]:
-                    same = results[0][key]["tokens"] == results[1][key]["tokens"]
-                    print(f"greedy tokens equal ({key} prompt): {same}")
     finally:
         if wrote and not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)

@@ -48,7 +48,7 @@ from orbax.checkpoint import type_handlers
 
 from bluelm_jax.atomic_dir import atomic_directory
 from bluelm_jax.config import BlueLMConfig
-from bluelm_jax.params import PathT, flatten, get_path, param_shapes, path_name, set_path
+from bluelm_jax.params import PathT, flatten, get_path, param_shapes, path_name, require_kernel_layout, set_path
 
 FORMAT_NAME = "bluelm-jax"
 LAYOUT_VERSION = 2  # 2: one leaf per layer and weight, at its module path (1: stacked layers)
@@ -433,7 +433,8 @@ def read_leaf(store: ts.TensorStore, leaf: jax.ShapeDtypeStruct, params_dir: str
 
 
 def save_params(params_dir: str | os.PathLike, params: dict) -> None:
-    """Saves an in-memory parameter tree (jax or numpy arrays) to a new Orbax directory."""
+    """Saves an in-memory parameter tree (jax or numpy arrays, KERNEL layout) to a new Orbax directory."""
+    require_kernel_layout(params, "a checkpoint")
     with finishing_orbax_tasks(), ocp.PyTreeCheckpointer() as ckptr:
         ckptr.save(os.path.abspath(params_dir), params)
 

@@ -68,6 +68,7 @@ def qwix_lora(model: BlueLMForCausalLM, rank: int = 8, alpha: float = 16.0,
 
     No dropout: qwix's LoRA dropout runs on every call (it has no inference switch) and
     needs an `nnx.Rngs` set on the model; lora.py's adapters have it for training only."""
+    P.require_kernel_layout(nnx.state(model, nnx.Param).to_pure_dict(), "qwix")
     settings = L.LoraConfig(rank, alpha, 0.0, targets)
     provider = qwix.LoraProvider(module_path=module_path_pattern(settings.targets), rank=settings.rank,
                                  alpha=settings.alpha, lora_a_initializer=LORA_A_INIT)
@@ -106,6 +107,7 @@ def quantize_weights(model: BlueLMForCausalLM, qtype: str = "int8", tile_size: i
     qtype: "int8" or "int4"; tile_size: None for one scale per output channel, else one per
     `tile_size` input rows (it must divide the input size; int4 wants 128); targets: the
     layer projections (as lora.parse_targets reads them); lm_head: quantize the head too."""
+    P.require_kernel_layout(nnx.state(model, nnx.Param).to_pure_dict(), "qwix")
     provider = _quantization_provider(qtype, tile_size, targets, lm_head)
     return qwix.quantize_model(model, provider, *example_inputs())
 
@@ -116,6 +118,7 @@ def quantized_state(config: BlueLMConfig, params: dict, qtype: str = "int8", til
     """(graphdef, state) of `quantize_weights` on the model holding `params` (a state dict as in
     params.py), quantizing each weight from `params` without building the float model:
     the quantized tree is traced from abstract shapes, then qwix.quantize_params fills it."""
+    P.require_kernel_layout(params, "qwix")
     provider = _quantization_provider(qtype, tile_size, targets, lm_head)
 
     def quantized_tree():

@@ -156,7 +156,7 @@ def _run(args, out: str) -> str:
     args.model = hub.resolve(args.model)  # a Hub repo id -> its cached snapshot
     if not os.path.isdir(args.model):
         raise ValueError(f"{args.model}: no such model directory")
-    model = bluelm_jax.load(args.model)
+    model = bluelm_jax.load(args.model, layout="kernel")  # training's layout, also for bfloat16 on CPU
     log = print
     log(f"fine-tuning {model!r} on {jax.device_count()} {jax.default_backend()} device(s), "
         f"{'LoRA rank ' + str(tc.lora.rank) if tc.lora else 'all parameters'}")

@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bluelm_jax import checkpoint, hub
+from bluelm_jax import params as P
 from bluelm_jax.config import BlueLMConfig
+from bluelm_jax.layout import inference_layout, to_layout, transposed_sharding
 from bluelm_jax.model import BlueLMForCausalLM, build, forward
 from bluelm_jax.params import flatten, get_path, set_path
 
@@ -27,8 +29,9 @@ def default_compute_dtype() -> jnp.dtype:
 class BlueLM:
     """A loaded model: config, tokenizer, parameters, and the dtype its products run in.
 
-    `params` is the state of the module tree as a plain dict (see params.py); `module` is
-    the Flax NNX module holding those same arrays: `model.module.model.layers[3].self_attn.q_proj`."""
+    `params` is the state of the module tree as a plain dict (see params.py), its projections
+    in the KERNEL or the WEIGHT layout (`layout`); `module` is the Flax NNX module holding
+    those same arrays: `model.module.model.layers[3].self_attn.q_proj`."""
 
     config: BlueLMConfig
     tokenizer: Any  # bluelm_jax.tokenizer.BlueLMTokenizer
@@ -40,6 +43,11 @@ class BlueLM:
     @property
     def param_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.params["model"]["embed_tokens"]["embedding"].dtype)
+
+    @property
+    def layout(self) -> str:
+        """How the projections are stored: params.KERNEL [in, out] or params.WEIGHT [out, in]."""
+        return P.layout_of(self.params)
 
     @property
     def module(self) -> BlueLMForCausalLM:
@@ -66,7 +74,7 @@ class BlueLM:
 
     def __repr__(self) -> str:
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
-        return (f"BlueLM({self.path!r}, {n:,} parameters, params {self.param_dtype.name}, "
+        return (f"BlueLM({self.path!r}, {n:,} parameters, params {self.param_dtype.name} ({self.layout} layout), "
                 f"compute {jnp.dtype(self.compute_dtype).name})")
 
 
@@ -88,7 +96,7 @@ _forward_jit = jax.jit(forward, static_argnames=("config", "compute_dtype"))
 
 
 def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
-         shardings: checkpoint.Shardings = None, mesh: Any = None) -> BlueLM:
+         shardings: checkpoint.Shardings = None, mesh: Any = None, layout: Optional[str] = None) -> BlueLM:
     """Loads a converted bluelm-jax directory, or a Hugging Face directory (converted in memory),
     or a Hugging Face Hub repo id such as "vivo-ai/BlueLM-7B-Chat" (`hub.resolve`).
 
@@ -97,8 +105,12 @@ def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
     (first device), one Sharding, or a tree of Shardings shaped like the parameters.
     mesh: a jax.sharding.Mesh (e.g. `sharding.make_mesh("data=2,tensor=4")`): the parameters are
     restored straight into the shards of `sharding.param_spec` (replaces `shardings`).
+    layout: how projections are stored (params.py): "kernel" [in, out] for training, or
+    "weight" [out, in]; default "weight" for bfloat16 weights under float32 compute on CPU
+    (its bfloat16 products are about twice as fast there), else "kernel" (`layout.inference_layout`).
     Host memory peaks at about the parameters' bytes plus a few read blocks: leaves are read
-    one at a time into their shards (see `checkpoint.read_leaf`).
+    one at a time into their shards (see `checkpoint.read_leaf`), and moved to the WEIGHT
+    layout one at a time.
     """
     path = hub.resolve(path)
     if not os.path.isdir(path):
@@ -114,25 +126,44 @@ def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
         from bluelm_jax import sharding
 
         shardings = sharding.param_shardings(config, mesh)
-    if checkpoint.is_converted_dir(path):
-        params = checkpoint.restore_params(path, config, dtype, shardings)
-    else:
-        params = _load_hf(path, config, dtype, shardings)
     compute = jnp.dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype()
+    converted = checkpoint.is_converted_dir(path)
+    layout = P.check_layout(layout) if layout is not None else inference_layout(
+        _param_dtype(path, dtype, converted), compute)
+    if converted:
+        params = to_layout(checkpoint.restore_params(path, config, dtype, shardings), layout)
+    else:
+        params = _load_hf(path, config, dtype, shardings, layout)
     return BlueLM(config, tokenizer, params, compute, path, mesh)
 
 
-def _load_hf(path: str, config: BlueLMConfig, dtype: Any, shardings: checkpoint.Shardings) -> dict:
-    """Reads a Hugging Face dir into host memory, then places leaf by leaf, freeing each host copy.
+def _param_dtype(path: str, dtype: Any, converted: bool) -> jnp.dtype:
+    """The dtype the parameters will have: `dtype`, else as converted, else as the HF dir stores them."""
+    if dtype is not None:
+        return jnp.dtype(checkpoint.dtype_name(dtype))
+    if converted:
+        return jnp.dtype(checkpoint.read_metadata(path)["param_dtype"])
+    from bluelm_jax.hf.reader import HFCheckpoint
+    from bluelm_jax.hf.to_orbax import resolve_dtype
+
+    return jnp.dtype(resolve_dtype(None, HFCheckpoint(path)))
+
+
+def _load_hf(path: str, config: BlueLMConfig, dtype: Any, shardings: checkpoint.Shardings, layout: str) -> dict:
+    """Reads a Hugging Face dir into host memory, its projections in `layout`, then places leaf
+    by leaf, freeing each host copy (a WEIGHT-layout projection where its kernel would go, with
+    the mesh axes swapped).
 
     On a CPU device the aligned host arrays become the device buffers (no copy).
     """
     from bluelm_jax.hf.to_orbax import load_hf_params
 
-    host = load_hf_params(path, config, None if dtype is None else checkpoint.dtype_name(dtype))
+    host = load_hf_params(path, config, None if dtype is None else checkpoint.dtype_name(dtype), layout)
     abstract = checkpoint.abstract_params(config, host["model"]["embed_tokens"]["embedding"].dtype, shardings)
     params: dict = {}
-    for leaf_path, target in list(flatten(abstract)):
+    for kernel_path, target in list(flatten(abstract)):
+        leaf_path = P.path_in(kernel_path, layout)
+        where = target.sharding if leaf_path == kernel_path else transposed_sharding(target.sharding)
         parent = get_path(host, leaf_path[:-1])
-        set_path(params, leaf_path, jax.device_put(parent.pop(leaf_path[-1]), target.sharding))
+        set_path(params, leaf_path, jax.device_put(parent.pop(leaf_path[-1]), where))
     return params

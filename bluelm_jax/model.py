@@ -12,20 +12,24 @@
         norm: RMSNorm
       lm_head: nnx.Linear                    [hidden, vocab]
 
+In the WEIGHT layout (params.py) every nnx.Linear is a `TorchLinear` holding `weight` [out, in].
+
 BlueLM is LLaMA plus a LayerNorm on the token embeddings. Every weight is declared in
 params.py's table, which gives its shape and its logical axes; the axes are the weight's
 `out_sharding` metadata, so `nnx.get_partition_spec(state)` and sharding.RULES give its
 PartitionSpec. The numerics are pure functions (`rms_norm`, `layer_norm`, rope.py,
-attention.py) that the modules call. Every projection is one `nnx.Linear` whose product is
-`projection_product`. Norms, softmax and logits are float32; products run in the compute
+attention.py) that the modules call. Every projection is one `nnx.Linear` (or `TorchLinear`)
+whose product is `projection_product`. Norms, softmax and logits are float32; products run in the compute
 dtype the tree was built with (float32 on CPU, bfloat16 on GPU/TPU), except that bfloat16
 weights with float32 compute on CPU use a bfloat16 dot with a float32 result
-(`_bf16_weight_matmul`) and are never converted to float32.
+(`_bf16_weight_matmul`) and are never converted to float32; `load()` stores such weights in
+the WEIGHT layout, which that dot reads fastest.
 
 Layers are unrolled, one buffer per weight (the layout decision and its measurements are in
 the README, "How it is built"). Each layer, its attention and its MLP run under
 `jax.named_scope` ("layer_3/attention", "layer_3/mlp"), so profiles read like the model. Compiled code takes the state (`nnx.split`) and rebuilds
-the module inside (`forward`, a thin wrapper: `nnx.merge(graphdef(config, dtype), params)`).
+the module inside (`forward`, a thin wrapper: `nnx.merge(graphdef(config, dtype, layout), params)`,
+the layout read from the names in `params`).
 
 The KV cache stays outside the modules: a pytree passed in and returned, preallocated
 `[layers, batch, max_len, kv_heads, head_dim]` and written in place with
@@ -93,7 +97,7 @@ def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> 
 CPU_BF16_ROW_MULTIPLE = 8  # XLA's CPU bfloat16 dot is ~3x faster on 8 rows than on 1
 
 
-def _keeps_bf16_weight(weight_dtype, dtype) -> bool:
+def keeps_bf16_weight(weight_dtype, dtype) -> bool:
     """Whether a product runs as `_bf16_weight_matmul`: bfloat16 weight, float32 compute, CPU."""
     return (jnp.dtype(weight_dtype) == jnp.bfloat16 and dtype is not None and jnp.dtype(dtype) == jnp.float32
             and jax.default_backend() == "cpu")
@@ -103,37 +107,40 @@ def promote_projection(arrays: tuple, dtype=None, inexact: bool = True) -> tuple
     """nnx.Linear's `promote_dtype`: (x, kernel, bias) cast to the compute dtype, except a bfloat16
     kernel under float32 compute on CPU, which `projection_product` takes as it is."""
     x, kernel, bias = arrays
-    if _keeps_bf16_weight(kernel.dtype, dtype):
+    if keeps_bf16_weight(kernel.dtype, dtype):
         return x.astype(dtype), kernel, bias
     return nnx_dtypes.promote_dtype(arrays, dtype=dtype, inexact=inexact)
 
 
 def projection_product(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
                        preferred_element_type=None, out_sharding=None) -> jax.Array:
-    """THE product of every projection: activations [..., in] by a kernel [in, out].
+    """THE product of every projection: activations [..., in] by a kernel [in, out] (contracting
+    the kernel's dim 0) or by a weight [out, in] (`TorchLinear`, contracting its dim 1).
 
     It is the `dot_general` of every `nnx.Linear` of the tree, and of the LoRA products
     (`matmul`), so a different formulation of the projections goes here and nowhere else.
     A float32 x by a bfloat16 kernel on CPU goes through `_bf16_weight_matmul`.
     """
     del out_sharding  # activations are constrained by sharding.constrain instead
-    if _keeps_bf16_weight(rhs.dtype, lhs.dtype):
+    if keeps_bf16_weight(rhs.dtype, lhs.dtype):
         (lhs_contract, rhs_contract), _ = dimension_numbers
-        assert tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,), dimension_numbers
-        return _bf16_weight_matmul(lhs, rhs)
+        assert tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) in ((0,), (1,)), dimension_numbers
+        return _bf16_weight_matmul(lhs, rhs, rhs_contract[0])
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
 
 
-def _bf16_weight_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., in] float32 times a bfloat16 weight [in, out] on CPU: a bfloat16 dot, float32 result.
+def _bf16_weight_matmul(x: jax.Array, w: jax.Array, w_in_axis: int = 0) -> jax.Array:
+    """x [..., in] float32 times a bfloat16 weight on CPU, [in, out] (w_in_axis 0) or [out, in]
+    (w_in_axis 1): a bfloat16 dot with a float32 result.
 
     Converting the weight to float32 inside the program would run an unfused convert of every
     weight at every step (and XLA may hoist it out of a decode loop into a float32 copy of all
     weights). The rows of x are rounded to bfloat16 and padded to a multiple of
-    CPU_BF16_ROW_MULTIPLE. Measured on this project's machine for one [4096, 11008] weight,
-    1 row: this 56-70 ms, the plain bfloat16 dot 200 ms, convert-then-float32-dot 193 ms
-    (8 rows: 56-71 / 71 / 316); it stays ahead at 64 and 256 rows (prefill).
+    CPU_BF16_ROW_MULTIPLE. Measured on this project's machine for one 4096 x 11008 weight
+    (`python -m bench.cpu_products`): 1 row [out, in] 8.5 ms, [in, out] 18.5 ms, the plain
+    bfloat16 dot of 1 row 65 ms, float32 weights 7.3 ms; [out, in] stays ahead at 32 rows and
+    is level at 256 and 1024 (prefill).
     """
     lead, rows = x.shape[:-1], math.prod(x.shape[:-1])
     x2 = x.reshape(rows, x.shape[-1]).astype(jnp.bfloat16)  # [rows, in]
@@ -142,8 +149,9 @@ def _bf16_weight_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
         x2 = jnp.pad(x2, ((0, pad), (0, 0)))  # [rows + pad, in]
     # jax.lax.dot_general, not jnp.matmul: the projection's product must be the dot_general that
     # qwix (bluelm_jax/ecosystem.py) intercepts; inside jnp.matmul's own jit it cannot add weights
-    y = jax.lax.dot_general(x2, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)[:rows]  # [rows, out]
-    return y.reshape(*lead, w.shape[-1])
+    y = jax.lax.dot_general(x2, w, (((1,), (w_in_axis,)), ((), ())),
+                            preferred_element_type=jnp.float32)[:rows]  # [rows, out]
+    return y.reshape(*lead, w.shape[1 - w_in_axis])
 
 
 def keep_table_dtype(arrays: tuple, dtype=None, inexact: bool = True) -> tuple:
@@ -207,9 +215,37 @@ def _param(weight: P.Weight, config: BlueLMConfig, value: float, param_dtype) ->
     return nnx.Param(jnp.full(P.shape_of(weight, config), value, param_dtype), **_metadata(weight))
 
 
-def _linear(weight: P.Weight, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs, **kwargs) -> nnx.Linear:
-    """A bias-free nnx.Linear of a declared [in, out] kernel, computing with `projection_product`."""
+class TorchLinear(nnx.Module):
+    """A bias-free projection holding its weight as torch.nn.Linear does: `weight` [out, in].
+
+    The WEIGHT layout's projection (params.py), which `load()` picks for bfloat16 weights
+    under float32 compute on CPU: XLA's CPU bfloat16 dot reads a row-major [out, in] weight
+    about twice as fast as [in, out] at decode's 1-8 rows (`_bf16_weight_matmul`). It computes
+    what nnx.Linear computes, through the same `promote_projection` and `projection_product`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, dtype, param_dtype, rngs: nnx.Rngs,
+                 weight_metadata: dict, preferred_element_type=None):
+        init = nnx.initializers.normal(INIT_STD)
+        self.weight = nnx.Param(init(rngs.params(), (out_features, in_features), param_dtype), **weight_metadata)
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype, self.preferred_element_type = dtype, preferred_element_type
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., in] -> [..., out]."""
+        x, weight, _ = promote_projection((x, self.weight[...], None), self.dtype)
+        kwargs = {} if self.preferred_element_type is None else {"preferred_element_type": self.preferred_element_type}
+        return projection_product(x, weight, (((x.ndim - 1,), (1,)), ((), ())), **kwargs)
+
+
+def _linear(weight: P.Weight, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs, layout: str,
+            **kwargs) -> nnx.Linear | TorchLinear:
+    """The bias-free projection of a declared [in, out] kernel, computing with `projection_product`:
+    an nnx.Linear in the KERNEL layout, a TorchLinear in the WEIGHT layout."""
     fan_in, fan_out = P.shape_of(weight, config)
+    if layout == P.WEIGHT:
+        return TorchLinear(fan_in, fan_out, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                           weight_metadata=_metadata(weight.in_layout(layout)), **kwargs)
     return nnx.Linear(fan_in, fan_out, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                       kernel_init=nnx.initializers.normal(INIT_STD), dot_general=projection_product,
                       promote_dtype=promote_projection, kernel_metadata=_metadata(weight), rngs=rngs, **kwargs)
@@ -248,9 +284,10 @@ def _project(linear: nnx.Linear, name: str, h: jax.Array, layer: int, adapters: 
 class Attention(nnx.Module):
     """Multi-head attention with grouped KV heads and rotary positions; the cache is passed through."""
 
-    def __init__(self, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs, layout: str):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(self, name, _linear(P.layer_weight(("self_attn", name, "kernel")), config, dtype, param_dtype, rngs))
+            setattr(self, name, _linear(P.layer_weight(("self_attn", name, P.KERNEL)), config, dtype, param_dtype,
+                                        rngs, layout))
         self.config = config
 
     def __call__(self, h: jax.Array, ctx: Context, kv: Optional[tuple], layer: int) -> tuple[jax.Array, Optional[tuple]]:
@@ -277,9 +314,10 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """down(silu(gate(h)) * up(h))."""
 
-    def __init__(self, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs, layout: str):
         for name in ("gate_proj", "up_proj", "down_proj"):
-            setattr(self, name, _linear(P.layer_weight(("mlp", name, "kernel")), config, dtype, param_dtype, rngs))
+            setattr(self, name, _linear(P.layer_weight(("mlp", name, P.KERNEL)), config, dtype, param_dtype, rngs,
+                                        layout))
 
     def __call__(self, h: jax.Array, ctx: Context, layer: int) -> jax.Array:
         project = functools.partial(_project, layer=layer, adapters=ctx.adapters)
@@ -291,12 +329,12 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm attention and MLP blocks, each added to the residual stream."""
 
-    def __init__(self, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs, layout: str):
         self.input_layernorm = RMSNorm(P.layer_weight(("input_layernorm", "weight")), config, param_dtype)
-        self.self_attn = Attention(config, dtype, param_dtype, rngs)
+        self.self_attn = Attention(config, dtype, param_dtype, rngs, layout)
         self.post_attention_layernorm = RMSNorm(P.layer_weight(("post_attention_layernorm", "weight")), config,
                                                 param_dtype)
-        self.mlp = MLP(config, dtype, param_dtype, rngs)
+        self.mlp = MLP(config, dtype, param_dtype, rngs, layout)
 
     def __call__(self, x: jax.Array, ctx: Context, kv: Optional[tuple], layer: int) -> tuple[jax.Array, Optional[tuple]]:
         """x: [batch, seq, hidden] in the compute dtype; `layer` is this layer's index (static)."""
@@ -325,14 +363,14 @@ def _run_layer(layer: DecoderLayer, x: jax.Array, ctx: Context, kv: Optional[tup
 class BlueLMModel(nnx.Module):
     """Embedding (and its LayerNorm), the decoder layers, the final norm."""
 
-    def __init__(self, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs, layout: str):
         embedding = P.top_weight(("model", "embed_tokens", "embedding"))
         self.embed_tokens = nnx.Embed(*P.shape_of(embedding, config), param_dtype=param_dtype,
                                       promote_dtype=keep_table_dtype, embedding_init=nnx.initializers.normal(INIT_STD),
                                       embedding_metadata=_metadata(embedding), rngs=rngs)
         self.embed_layer_norm = (LayerNorm(("model", "embed_layer_norm"), config, param_dtype)
                                  if config.use_stable_embedding else None)
-        self.layers = nnx.List([DecoderLayer(config, dtype, param_dtype, rngs)
+        self.layers = nnx.List([DecoderLayer(config, dtype, param_dtype, rngs, layout)
                                 for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(P.top_weight(("model", "norm", "weight")), config, param_dtype)
         self.config, self.dtype = config, dtype
@@ -365,11 +403,12 @@ class BlueLMForCausalLM(nnx.Module):
     """The decoder and its language-model head; call it for logits (see `__call__`)."""
 
     def __init__(self, config: BlueLMConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: Optional[nnx.Rngs] = None):
-        """dtype: the compute dtype of the products; param_dtype: of fresh weights; rngs: their init."""
+                 rngs: Optional[nnx.Rngs] = None, layout: str = P.KERNEL):
+        """dtype: the compute dtype of the products; param_dtype: of fresh weights; rngs: their init;
+        layout: how projections are stored (params.py: KERNEL [in, out] or WEIGHT [out, in])."""
         rngs = nnx.Rngs(0) if rngs is None else rngs
-        self.model = BlueLMModel(config, dtype, param_dtype, rngs)
-        self.lm_head = _linear(P.top_weight(("lm_head", "kernel")), config, dtype, param_dtype, rngs,
+        self.model = BlueLMModel(config, dtype, param_dtype, rngs, P.check_layout(layout))
+        self.lm_head = _linear(P.top_weight(("lm_head", P.KERNEL)), config, dtype, param_dtype, rngs, layout,
                                preferred_element_type=jnp.float32)
         self.config = config
 
@@ -400,19 +439,20 @@ class BlueLMForCausalLM(nnx.Module):
 # --------------------------------------------------------------------------- functional entry points
 
 
-def abstract_model(config: BlueLMConfig, compute_dtype=jnp.float32, param_dtype=jnp.float32) -> BlueLMForCausalLM:
+def abstract_model(config: BlueLMConfig, compute_dtype=jnp.float32, param_dtype=jnp.float32,
+                   layout: str = P.KERNEL) -> BlueLMForCausalLM:
     """The module tree with jax.ShapeDtypeStructs for weights (nothing allocated).
 
     (Not `nnx.eval_shape`: under an ambient mesh it would read the logical axes as mesh axes.)"""
     graph, state = jax.eval_shape(lambda: nnx.split(BlueLMForCausalLM(config, dtype=compute_dtype,
-                                                                      param_dtype=param_dtype)))
+                                                                      param_dtype=param_dtype, layout=layout)))
     return nnx.merge(graph, state)
 
 
 @functools.lru_cache(maxsize=32)
-def graphdef(config: BlueLMConfig, compute_dtype=jnp.float32) -> nnx.GraphDef:
-    """The static structure of the tree (what `nnx.merge` rebuilds it from), one per config and dtype."""
-    return nnx.split(abstract_model(config, jnp.dtype(compute_dtype)))[0]
+def graphdef(config: BlueLMConfig, compute_dtype=jnp.float32, layout: str = P.KERNEL) -> nnx.GraphDef:
+    """The static structure of the tree (what `nnx.merge` rebuilds it from), one per config, dtype and layout."""
+    return nnx.split(abstract_model(config, jnp.dtype(compute_dtype), layout=layout))[0]
 
 
 def init_params(config: BlueLMConfig, seed: int = 0, param_dtype=jnp.float32) -> dict:
@@ -422,8 +462,9 @@ def init_params(config: BlueLMConfig, seed: int = 0, param_dtype=jnp.float32) ->
 
 
 def build(config: BlueLMConfig, params: dict, compute_dtype=jnp.float32) -> BlueLMForCausalLM:
-    """The module tree holding `params` (a state dict as in params.py; arrays are shared, not copied)."""
-    return nnx.merge(graphdef(config, jnp.dtype(compute_dtype)), params)
+    """The module tree holding `params` (a state dict as in params.py, in either layout; arrays
+    are shared, not copied)."""
+    return nnx.merge(graphdef(config, jnp.dtype(compute_dtype), P.layout_of(params)), params)
 
 
 def forward(params: dict, tokens: jax.Array, positions: jax.Array, config: BlueLMConfig,

@@ -21,6 +21,12 @@ transposed, its sharding (sharding.py's RULES) and the LoRA targets (lora.py) al
 last part renamed: `kernel` (an `nnx.Linear` weight, stored [in, out]) becomes `weight`
 transposed (PyTorch stores [out, in]), `embedding` (`nnx.Embed`) becomes `weight`. The
 Orbax checkpoint stores the same paths (model.layers.3.self_attn.q_proj.kernel).
+
+Projections have two layouts (`LAYOUTS`). KERNEL, above, is the canonical one: checkpoints,
+training, LoRA and accelerators use it. WEIGHT stores each projection as PyTorch does,
+`.../q_proj/weight` [out, in] with its axes reversed (`Weight.in_layout`): `load()` picks it
+for bfloat16 weights under float32 compute on CPU, where XLA's bfloat16 dot reads it about
+twice as fast (model.TorchLinear). A tree's layout shows in its names (`layout_of`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,17 @@ from typing import Iterator, Union
 from bluelm_jax.config import BlueLMConfig
 
 PathT = tuple[Union[str, int], ...]
+
+KERNEL = "kernel"  # projections stored [in, out] (nnx.Linear): checkpoints, training, accelerators
+WEIGHT = "weight"  # projections stored [out, in] (torch.nn.Linear): bfloat16 inference on CPU
+LAYOUTS = (KERNEL, WEIGHT)
+
+
+def check_layout(layout: str) -> str:
+    """`layout`, or a ValueError naming the layouts."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown projection layout {layout!r} (one of {', '.join(LAYOUTS)})")
+    return layout
 
 LAYERS = ("model", "layers")  # the per-layer weights live under model/layers/{i}/
 
@@ -45,8 +62,15 @@ class Weight:
 
     @property
     def transpose(self) -> bool:
-        """PyTorch stores a Linear weight [out, in], we store it [in, out]."""
-        return self.path[-1] == "kernel"
+        """PyTorch stores a Linear weight [out, in], the KERNEL layout stores it [in, out]."""
+        return self.path[-1] == KERNEL
+
+    def in_layout(self, layout: str) -> "Weight":
+        """This declaration as stored in `layout`: a projection in the WEIGHT layout is
+        `.../weight` with its axes reversed; everything else is unchanged."""
+        if check_layout(layout) == WEIGHT and self.transpose:
+            return Weight((*self.path[:-1], WEIGHT), self.axes[::-1])
+        return self
 
 
 # Weights outside the layers; the embedding LayerNorm only when config.use_stable_embedding.
@@ -73,6 +97,7 @@ LAYER_WEIGHTS: tuple[Weight, ...] = (
 
 # The per-layer projections by their short name (q_proj, ..., down_proj): the LoRA targets.
 LAYER_PROJECTIONS: dict[str, Weight] = {w.path[-2]: w for w in LAYER_WEIGHTS if w.transpose}
+PROJECTIONS = frozenset([*LAYER_PROJECTIONS, "lm_head"])  # the modules whose weight has two layouts
 
 # Buffers some checkpoints carry that are recomputed, never loaded.
 IGNORED_HF_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -89,30 +114,42 @@ def shape_of(weight: Weight, c: BlueLMConfig) -> tuple[int, ...]:
     return tuple(dim_size(d, c) for d in weight.axes)
 
 
+def _declared(table: tuple[Weight, ...], path: tuple) -> Weight | None:
+    """The declaration of `path` in `table`, in either layout (a WEIGHT-layout projection too)."""
+    path = tuple(path)
+    for w in table:
+        for layout in LAYOUTS:
+            if w.in_layout(layout).path == path:
+                return w.in_layout(layout)
+    return None
+
+
 def layer_weight(path: tuple[str, ...]) -> Weight:
     """The declaration of the per-layer weight at `path` (e.g. ("self_attn", "q_proj", "kernel"))."""
-    for w in LAYER_WEIGHTS:
-        if w.path == tuple(path):
-            return w
-    raise KeyError(f"no per-layer weight {path_name(path)}")
+    found = _declared(LAYER_WEIGHTS, path)
+    if found is None:
+        raise KeyError(f"no per-layer weight {path_name(path)}")
+    return found
 
 
 def top_weight(path: tuple[str, ...]) -> Weight:
-    for w in TOP_WEIGHTS:
-        if w.path == tuple(path):
-            return w
-    raise KeyError(f"no weight {path_name(path)}")
+    found = _declared(TOP_WEIGHTS, path)
+    if found is None:
+        raise KeyError(f"no weight {path_name(path)}")
+    return found
 
 
-def weights(c: BlueLMConfig) -> Iterator[tuple[PathT, Weight]]:
-    """(full path, declaration) of every weight of a model of config `c`, in model order."""
+def weights(c: BlueLMConfig, layout: str = KERNEL) -> Iterator[tuple[PathT, Weight]]:
+    """(full path, declaration) of every weight of a model of config `c` stored in `layout`, in model order."""
     for w in TOP_WEIGHTS[:3]:
         if w.path[1] != "embed_layer_norm" or c.use_stable_embedding:
             yield w.path, w
     for i in range(c.num_hidden_layers):
         for w in LAYER_WEIGHTS:
+            w = w.in_layout(layout)
             yield (*LAYERS, i, *w.path), w
     for w in TOP_WEIGHTS[3:]:
+        w = w.in_layout(layout)
         yield w.path, w
 
 
@@ -124,12 +161,33 @@ def weight_at(path: PathT) -> Weight:
     return top_weight(path)
 
 
-def param_shapes(c: BlueLMConfig) -> dict:
-    """The parameter tree with shape tuples as leaves."""
+def param_shapes(c: BlueLMConfig, layout: str = KERNEL) -> dict:
+    """The parameter tree (in `layout`) with shape tuples as leaves."""
     tree: dict = {}
-    for path, w in weights(c):
+    for path, w in weights(c, layout):
         set_path(tree, path, shape_of(w, c))
     return tree
+
+
+def path_in(path: PathT, layout: str) -> PathT:
+    """The path of leaf `path` (of either layout) in `layout`: a projection's last name is the layout."""
+    path = tuple(path)
+    if len(path) >= 2 and path[-2] in PROJECTIONS and path[-1] in LAYOUTS:
+        return (*path[:-1], check_layout(layout))
+    return path
+
+
+def layout_of(params: dict) -> str:
+    """The projection layout of a parameter tree, read from its names (lm_head/kernel or lm_head/weight)."""
+    return WEIGHT if WEIGHT in params["lm_head"] else KERNEL
+
+
+def require_kernel_layout(params: dict, purpose: str) -> None:
+    """A ValueError unless `params` are in the KERNEL layout, which `purpose` needs."""
+    if layout_of(params) != KERNEL:
+        raise ValueError(f"{purpose} needs the parameters in the kernel layout ([in, out]), these are in the "
+                         f"weight layout ([out, in], picked for bfloat16 on CPU): load with layout='kernel' or "
+                         f"convert them with bluelm_jax.layout.to_layout(params, 'kernel')")
 
 
 def hf_name(path: PathT) -> str:
@@ -145,12 +203,12 @@ class HFTensor:
     hf_name: str
     hf_shape: tuple[int, ...]  # as stored by PyTorch
     path: PathT  # leaf in the parameter tree
-    transpose: bool  # PyTorch Linear [out, in] -> ours [in, out]
+    transpose: bool  # PyTorch Linear [out, in] -> ours [in, out] (KERNEL layout)
 
 
-def hf_tensors(c: BlueLMConfig) -> Iterator[HFTensor]:
-    """Every tensor a Hugging Face BlueLM checkpoint of this config must hold."""
-    for path, w in weights(c):
+def hf_tensors(c: BlueLMConfig, layout: str = KERNEL) -> Iterator[HFTensor]:
+    """Every tensor a Hugging Face BlueLM checkpoint of this config must hold, and its leaf in `layout`."""
+    for path, w in weights(c, layout):
         shape = shape_of(w, c)
         yield HFTensor(hf_name(path), shape[::-1] if w.transpose else shape, path, w.transpose)
 

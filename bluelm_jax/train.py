@@ -60,6 +60,7 @@ from bluelm_jax import sharding as S
 from bluelm_jax.config import BlueLMConfig
 from bluelm_jax.loading import default_compute_dtype
 from bluelm_jax.model import forward
+from bluelm_jax.params import require_kernel_layout
 
 NamedSharding, PS = jax.sharding.NamedSharding, jax.sharding.PartitionSpec
 
@@ -381,6 +382,7 @@ def train(model, train_file: str, tc: TrainConfig, out_dir: Optional[str] = None
     the log, and the final model/adapter. Raises data.DataError on bad data.
     """
     config, tok = model.config, model.tokenizer
+    require_kernel_layout(model.params, "fine-tuning")
     if tok.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} pieces, the model only {config.vocab_size} rows")
     pad = config.pad_token_id

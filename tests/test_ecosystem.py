@@ -11,6 +11,7 @@ from bluelm_jax import ecosystem as E
 from bluelm_jax import lora as L
 from bluelm_jax import params as P
 from bluelm_jax.config import preset
+from bluelm_jax.layout import to_layout
 from bluelm_jax.model import build, forward, init_params
 from bluelm_jax.train import masked_cross_entropy
 
@@ -152,6 +153,10 @@ def test_qwix_reaches_bfloat16_weights_under_float32_compute_on_cpu(batch):
     assert quantized.model.layers[1].mlp.up_proj.kernel.array.qvalue.dtype == jnp.int8
     error = np.max(np.abs(np.asarray(quantized(*batch)[0]) - reference))
     assert 1e-5 < error < 1e-2, error  # measured 3.0e-3
+    weight_layout = build(CONFIG, to_layout(init_params(CONFIG, seed=0, param_dtype=jnp.bfloat16), P.WEIGHT))
+    for qwix_function in (E.qwix_lora, E.quantize_weights):  # qwix's providers match the kernel layout
+        with pytest.raises(ValueError, match="qwix needs the parameters in the kernel layout"):
+            qwix_function(weight_layout)
 
 
 def test_quantized_state_from_float_params_equals_quantizing_the_model(params, batch):

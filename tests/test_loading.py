@@ -16,6 +16,8 @@ from bluelm_jax import checkpoint
 from bluelm_jax.config import preset
 from bluelm_jax.params import flatten, get_path, param_shapes, set_path
 from bluelm_jax.hf.to_orbax import convert_hf_to_flax
+from bluelm_jax.layout import to_layout
+from bluelm_jax.model import TorchLinear
 from tests.hf_reference import write_hf_checkpoint
 
 CONFIG = preset("tiny")  # vocab 640 >= the test tokenizer's 600 pieces
@@ -58,6 +60,26 @@ def test_dtype_override(dirs):
     assert a.param_dtype == b.param_dtype == jnp.bfloat16
     assert_trees_equal(a.params, b.params)
     assert bluelm_jax.load(out, compute_dtype="bfloat16").compute_dtype == jnp.bfloat16
+
+
+def test_bfloat16_on_cpu_loads_in_the_weight_layout(dirs):
+    """bfloat16 weights under float32 compute on CPU are stored [out, in] (TorchLinear), from an
+    Orbax dir and from a Hugging Face dir alike: the kernel layout's values transposed, the same logits."""
+    hf, out = dirs
+    a, b = bluelm_jax.load(out, dtype="bfloat16"), bluelm_jax.load(hf, dtype="bfloat16")
+    assert a.layout == b.layout == "weight" and "(weight layout)" in repr(a)
+    assert_trees_equal(a.params, b.params)
+    up = a.module.model.layers[0].mlp.up_proj
+    assert isinstance(up, TorchLinear) and up.weight.shape == (CONFIG.intermediate_size, CONFIG.hidden_size)
+    kernel = bluelm_jax.load(out, dtype="bfloat16", layout="kernel")
+    assert kernel.layout == "kernel" and kernel.module.model.layers[0].mlp.up_proj.kernel.shape == up.weight.shape[::-1]
+    ids = [a.tokenizer.encode("BlueLM runs in JAX. 你好")]
+    np.testing.assert_allclose(np.asarray(a.logits(ids)), np.asarray(kernel.logits(ids)), rtol=1e-5, atol=1e-5)
+    assert_trees_equal(to_layout(kernel.params, "weight"), a.params)
+    assert bluelm_jax.load(out).layout == "kernel"  # float32 weights
+    assert bluelm_jax.load(out, dtype="bfloat16", compute_dtype="bfloat16").layout == "kernel"
+    with pytest.raises(ValueError, match="unknown projection layout 'columns'"):
+        bluelm_jax.load(out, layout="columns")
 
 
 def test_logits(dirs):

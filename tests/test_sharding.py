@@ -222,3 +222,30 @@ def test_load_onto_a_mesh_then_generate(hf_checkpoint, tmp_path):
         sharded = generate(model, prompts, max_new_tokens=12)
     single = generate(bluelm_jax.load(out), prompts, max_new_tokens=12)
     assert sharded.ids == single.ids and len({t for row in single.ids for t in row}) > 3
+
+
+@pytest.mark.parametrize("source", ["orbax", "hf"])
+def test_bfloat16_weight_layout_on_a_mesh(hf_checkpoint, tmp_path, source):
+    """bfloat16 on CPU loads in the weight layout onto a mesh too: each projection [out, in] placed
+    with its kernel's mesh axes swapped, from an Orbax dir and from a Hugging Face dir; sharded
+    generation gives the single-device tokens."""
+    import bluelm_jax
+    from bluelm_jax.generate import generate
+    from bluelm_jax.hf.to_orbax import convert_hf_to_flax
+
+    path = hf_checkpoint("tiny-gqa")
+    if source == "orbax":
+        path = tmp_path / "converted"
+        convert_hf_to_flax(hf_checkpoint("tiny-gqa"), path, dtype="bfloat16", progress=False)
+    mesh = sharding.make_mesh("data=2,tensor=4")
+    model = bluelm_jax.load(path, mesh=mesh, dtype="bfloat16")
+    assert model.layout == "weight"
+    attention = model.module.model.layers[1].self_attn
+    assert attention.q_proj.weight.sharding.spec == P("tensor", None)
+    assert {s.data.shape for s in attention.q_proj.weight.addressable_shards} == {(64, 256)}
+    assert attention.o_proj.weight.sharding.spec == P(None, "tensor")
+    prompts = [[1, 45, 300, 17, 9], [1, 7, 77, 177, 277, 377, 400, 11]]
+    with sharding.use(model.mesh):
+        sharded = generate(model, prompts, max_new_tokens=12)
+    single = generate(bluelm_jax.load(path, dtype="bfloat16"), prompts, max_new_tokens=12)
+    assert sharded.ids == single.ids and len({t for row in single.ids for t in row}) > 3

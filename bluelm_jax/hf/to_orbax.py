@@ -29,8 +29,8 @@ import numpy as np
 from bluelm_jax import checkpoint, hub, interrupts
 from bluelm_jax.atomic_dir import refuse_existing, refuse_overlap
 from bluelm_jax.config import BlueLMConfig
-from bluelm_jax.params import (IGNORED_HF_TENSORS, HFTensor, PathT, flatten, get_path, hf_tensors, param_shapes,
-                               set_path)
+from bluelm_jax.params import (IGNORED_HF_TENSORS, KERNEL, HFTensor, PathT, flatten, get_path, hf_tensors,
+                               param_shapes, set_path)
 from bluelm_jax.hf.reader import HFCheckpoint
 
 BLOCK_BYTES = 64 * 1024 * 1024  # largest block of a leaf written at once
@@ -44,9 +44,10 @@ class ConversionError(ValueError):
 # ------------------------------------------------------------------ checking
 
 
-def check_tensors(ckpt: HFCheckpoint, config: BlueLMConfig) -> dict[str, HFTensor]:
-    """Expected tensors by name; raises ConversionError on missing, unexpected, mis-shaped or non-float ones."""
-    expected = {t.hf_name: t for t in hf_tensors(config)}
+def check_tensors(ckpt: HFCheckpoint, config: BlueLMConfig, layout: str = KERNEL) -> dict[str, HFTensor]:
+    """Expected tensors by name (with their leaves in `layout`); raises ConversionError on
+    missing, unexpected, mis-shaped or non-float ones."""
+    expected = {t.hf_name: t for t in hf_tensors(config, layout)}
     present = {n for n in ckpt.entries if not IGNORED_HF_TENSORS.search(n)}
     missing = [n for n in expected if n not in present]
     if missing:
@@ -85,12 +86,12 @@ def _block_rows(rows: int, row_bytes: int) -> int:
     return max(1, min(rows, BLOCK_BYTES // max(row_bytes, 1)))
 
 
-def leaf_specs(config: BlueLMConfig, dtype: str) -> dict[PathT, checkpoint.LeafSpec]:
-    """Shape, dtype and block shape of every leaf, matching the blocks of `converted_blocks`."""
+def leaf_specs(config: BlueLMConfig, dtype: str, layout: str = KERNEL) -> dict[PathT, checkpoint.LeafSpec]:
+    """Shape, dtype and block shape of every leaf in `layout`, matching the blocks of `converted_blocks`."""
     np_dtype = np.dtype(jnp.dtype(dtype))
-    transposed = {t.path: t.transpose for t in hf_tensors(config)}
+    transposed = {t.path: t.transpose for t in hf_tensors(config, layout)}
     specs = {}
-    for path, shape in flatten(param_shapes(config)):
+    for path, shape in flatten(param_shapes(config, layout)):
         if len(shape) == 2:
             axis = 1 if transposed[path] else 0  # the axis of the source's rows
             rows = _block_rows(shape[axis], shape[1 - axis] * np_dtype.itemsize)
@@ -141,15 +142,17 @@ def converted_blocks(ckpt: HFCheckpoint, expected: dict[str, HFTensor], specs: d
         del src
 
 
-def load_hf_params(hf_dir: str | os.PathLike, config: BlueLMConfig, dtype: Optional[str] = None) -> dict:
-    """Reads a Hugging Face checkpoint into a parameter tree of numpy arrays (in memory).
+def load_hf_params(hf_dir: str | os.PathLike, config: BlueLMConfig, dtype: Optional[str] = None,
+                   layout: str = KERNEL) -> dict:
+    """Reads a Hugging Face checkpoint into a parameter tree of numpy arrays (in memory), its
+    projections in `layout` (WEIGHT: as PyTorch stores them, copied without a transpose).
 
     The arrays are allocated once, aligned (`checkpoint.aligned_empty`, so that jax adopts
     them on CPU without a copy), and filled block by block from the memory-mapped tensors.
     """
     ckpt = HFCheckpoint(hf_dir)
-    expected = check_tensors(ckpt, config)
-    specs = leaf_specs(config, resolve_dtype(dtype, ckpt))
+    expected = check_tensors(ckpt, config, layout)
+    specs = leaf_specs(config, resolve_dtype(dtype, ckpt), layout)
     checkpoint.return_large_frees_to_the_os()
     tree: dict = {}
     for path, s in specs.items():

@@ -1,0 +1,102 @@
+"""One projection's product on CPU, formulation by formulation, against PyTorch's, side by side.
+
+    python -m bench.cpu_products [--shape 4096 11008] [--rows 1 4 8 32] [--repeats 20]
+
+For one bfloat16 weight of BlueLM-7B's MLP shape (in 4096, out 11008) and float32
+activations of a few rows (decode's batch), it times each way of computing x @ W that XLA
+offers here, and transformers' own (torch.nn.functional.linear in bfloat16, [out, in]):
+
+  float32 [in,out]          the weight upcast once, beforehand (twice the memory: not an option at 7B)
+  bf16 dot [in,out]         one bfloat16 dot, float32 result, rows as they are
+  bf16 pad8 [in,out]        the KERNEL layout's product (model._bf16_weight_matmul, rows padded to 8)
+  bf16 pad8 [out,in]        the WEIGHT layout's product (the same, contracting the weight's dim 1)
+  convert+f32 [in,out]      the weight converted to float32 inside the program, then a float32 dot
+  multiply-reduce [out,in]  x * W summed over `in`, the convert fused into the reduction
+  torch bf16 [out,in]       what transformers runs (oneDNN; AMX where the processor has it)
+
+Medians of --repeats calls, each compiled beforehand. For each: ms, the weight's bytes per
+second, that as a fraction of the machine's bandwidth measured in the same run (a large numpy
+copy, read and write counted: see bench/decode.py), and the time over torch's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.decode import copy_bandwidth  # noqa: E402
+from bluelm_jax.model import _bf16_weight_matmul  # noqa: E402
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def jax_formulations(w_in_out: jax.Array, w_out_in: jax.Array) -> dict:
+    """name -> (jitted f(x, w), its weight)."""
+    f32 = jnp.float32
+    dims = lambda w_in_axis: (((1,), (w_in_axis,)), ((), ()))  # noqa: E731
+    return {
+        "float32 [in,out]": (jax.jit(lambda x, w: x @ w), w_in_out.astype(f32)),
+        "bf16 dot [in,out]": (jax.jit(lambda x, w: jax.lax.dot_general(
+            x.astype(jnp.bfloat16), w, dims(0), preferred_element_type=f32)), w_in_out),
+        "bf16 pad8 [in,out]": (jax.jit(lambda x, w: _bf16_weight_matmul(x, w, 0)), w_in_out),
+        "bf16 pad8 [out,in]": (jax.jit(lambda x, w: _bf16_weight_matmul(x, w, 1)), w_out_in),
+        "convert+f32 [in,out]": (jax.jit(lambda x, w: x @ w.astype(f32)), w_in_out),
+        "multiply-reduce [out,in]": (jax.jit(lambda x, w: jnp.sum(x[:, None, :] * w.astype(f32), axis=-1)), w_out_in),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", type=int, nargs=2, default=(4096, 11008), metavar=("IN", "OUT"))
+    parser.add_argument("--rows", type=int, nargs="+", default=(1, 4, 8, 32))
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    import torch
+
+    n_in, n_out = args.shape
+    rng = np.random.default_rng(0)
+    w_torch = torch.from_numpy(rng.standard_normal((n_out, n_in), np.float32)).to(torch.bfloat16)  # [out, in]
+    w_out_in = jnp.asarray(w_torch.float().numpy()).astype(jnp.bfloat16)
+    w_in_out = jnp.asarray(w_out_in.T)  # a contiguous [in, out] copy
+    weight_bytes = n_in * n_out * 2
+    bandwidth = copy_bandwidth()
+    print(f"weight [{n_in}, {n_out}] bfloat16 ({weight_bytes / 1e6:.0f} MB); copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}, "
+          f"{os.cpu_count()} cores")
+    print("| rows | product | ms | GB/s of weight | of bandwidth | / torch |\n|---|---|---|---|---|---|")
+    formulations = jax_formulations(w_in_out, w_out_in)
+    for rows in args.rows:
+        x = rng.standard_normal((rows, n_in), np.float32)
+        x_torch = torch.from_numpy(x).to(torch.bfloat16)
+        with torch.no_grad():
+            torch_ms = median_ms(lambda: torch.nn.functional.linear(x_torch, w_torch), args.repeats)
+        times = {name: median_ms(lambda: f(jnp.asarray(x), w).block_until_ready(), args.repeats)
+                 for name, (f, w) in formulations.items()}
+        times["torch bf16 [out,in]"] = torch_ms
+        for name, ms in times.items():
+            rate = weight_bytes / (ms / 1e3)
+            print(f"| {rows} | {name} | {ms:.1f} | {rate / 1e9:.1f} | {rate / bandwidth:.2f} | {ms / torch_ms:.2f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
