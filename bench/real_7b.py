@@ -10,7 +10,10 @@ prompt and from a --long-prompt-token prompt, and reports
   * load seconds and peak RSS (VmHWM of the process, loading included);
   * time to the first token: the first call (compilation included, for transformers its
     first call) and a second call of the same prompt;
-  * decode seconds per token: (time of N new tokens - time of 1) / (N - 1), both warm.
+  * decode seconds per token: (time of N new tokens - time of 1) / (N - 1), both warm;
+  * the logits of the short prompt's last position, compared across the sides (cosine,
+    largest difference, top-1 and top-10 agreement): random weights make near-ties, so
+    greedy tokens of two bfloat16 implementations may part while the logits agree.
 transformers runs LlamaForCausalLM in bfloat16, loaded lazily from the same safetensors,
 with BlueLM's embedding LayerNorm hooked onto the embedding module. Sides: `jax` (load()'s
 default: the WEIGHT layout, projections [out, in]), `jax-kernel` (load(layout="kernel"), the
@@ -70,6 +73,8 @@ def long_prompt_ids(n: int, vocab: int) -> list[int]:
 
 def run_jax(args) -> dict:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import numpy as np
+
     import bluelm_jax
     from bluelm_jax import generate as G
     from bluelm_jax.planning import encode_prompts
@@ -81,6 +86,9 @@ def run_jax(args) -> dict:
 
     def generate_n(ids, n):
         return G.generate(model, ids, max_new_tokens=n).ids[0]
+
+    if args.logits_out:
+        np.save(args.logits_out, np.asarray(model.logits([short])[0, -1], np.float32))
 
     results = {"side": f"bluelm-jax ({model.layout} layout)", "load_s": load_s, "load_peak_gb": load_peak,
                "short": measure_prompt(generate_n, short, args.new_tokens)}
@@ -125,6 +133,7 @@ def transformers_model(hf_dir: str):
 
 
 def run_transformers(args) -> dict:
+    import numpy as np
     import torch
 
     (model, config), load_s = timed(lambda: transformers_model(args.hf_dir))
@@ -134,6 +143,10 @@ def run_transformers(args) -> dict:
     short = list(BlueLMTokenizer(os.path.join(args.hf_dir, "tokenizer.model")).encode(SHORT_PROMPT))
     if short[:1] != [config.bos_token_id]:  # the same ids as bluelm-jax's encode_prompts
         short = [config.bos_token_id] + short
+
+    if args.logits_out:
+        with torch.no_grad():
+            np.save(args.logits_out, model(torch.tensor([short])).logits[0, -1].float().numpy())  # [vocab]
 
     def generate_n(ids, n):
         with torch.no_grad():
@@ -172,15 +185,27 @@ def prepare(args) -> None:
         print(f"converted in {result['wall_s']:.0f} s, peak {result['peak_rss_gb']:.2f} GB", flush=True)
 
 
-def run_side(side: str, args) -> dict:
+def run_side(side: str, args, logits_dir: str) -> dict:
+    logits_out = os.path.join(logits_dir, f"{side}.npy")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--hf-dir", args.hf_dir,
            "--orbax-dir", args.orbax_dir, "--new-tokens", str(args.new_tokens),
-           "--long-prompt", str(args.long_prompt)]
+           "--long-prompt", str(args.long_prompt), "--logits-out", logits_out]
     print("  $ " + " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     if proc.returncode != 0:
         sys.exit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "logits_file": logits_out}
+
+
+def logits_agreement(ours: str, reference: str) -> str:
+    """How the last-position logits of two sides agree (files of [vocab] float32)."""
+    import numpy as np
+
+    a, b = np.load(ours).astype(np.float64), np.load(reference).astype(np.float64)
+    cosine = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    top10 = len(set(np.argsort(-a)[:10]) & set(np.argsort(-b)[:10]))
+    return (f"cosine {cosine:.5f}, largest difference {np.abs(a - b).max():.3f} (logits up to "
+            f"{np.abs(b).max():.2f}), top-1 equal: {bool(a.argmax() == b.argmax())}, top-10 shared: {top10}/10")
 
 
 def table(results: list[dict]) -> str:
@@ -202,6 +227,9 @@ def table(results: list[dict]) -> str:
                 same = r[key]["tokens"] == reference[0][key]["tokens"]
                 rows.append(f"{r['side']} / transformers, {key} prompt: decode time x{ratio:.2f}, "
                             f"greedy tokens equal: {same}")
+        if reference and r is not reference[0]:
+            rows.append(f"{r['side']} vs transformers, logits after the short prompt: "
+                        f"{logits_agreement(r['logits_file'], reference[0]['logits_file'])}")
     return "\n".join(rows)
 
 
@@ -215,6 +243,7 @@ def main() -> None:
     parser.add_argument("--sides", default="jax,transformers")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints it wrote")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--logits-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2")
@@ -226,10 +255,11 @@ def main() -> None:
     wrote = not (args.hf_dir and args.orbax_dir)
     try:
         prepare(args)
-        results = [run_side(side, args) for side in args.sides.split(",")]
-        for r in results:
-            print(json.dumps({k: v for k, v in r.items()}), flush=True)
-        print(table(results))
+        with tempfile.TemporaryDirectory() as logits_dir:
+            results = [run_side(side, args, logits_dir) for side in args.sides.split(",")]
+            for r in results:
+                print(json.dumps({k: v for k, v in r.items()}), flush=True)
+            print(table(results))
     finally:
         if wrote and not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)

@@ -48,7 +48,9 @@ from orbax.checkpoint import type_handlers
 
 from bluelm_jax.atomic_dir import atomic_directory
 from bluelm_jax.config import BlueLMConfig
-from bluelm_jax.params import PathT, flatten, get_path, param_shapes, path_name, require_kernel_layout, set_path
+from bluelm_jax.params import (KERNEL, PathT, flatten, get_path, param_shapes, path_in, path_name,
+                               require_kernel_layout, set_path)
+from bluelm_jax.sharding import transposed_sharding
 
 FORMAT_NAME = "bluelm-jax"
 LAYOUT_VERSION = 2  # 2: one leaf per layer and weight, at its module path (1: stacked layers)
@@ -279,13 +281,15 @@ def _as_dict(tree: Any) -> Any:
 
 
 def restore_params(directory: str | os.PathLike, config: BlueLMConfig, dtype: Any = None,
-                   shardings: Shardings = None) -> dict:
-    """Restores <directory>/params into arrays of `dtype` (default: as stored) placed by `shardings`.
+                   shardings: Shardings = None, layout: str = KERNEL) -> dict:
+    """Restores <directory>/params into arrays of `dtype` (default: as stored) placed by `shardings`
+    (a tree in the KERNEL layout), with the projections in `layout` (params.py).
 
     Leaves are read one at a time, each straight into its target sharding: every process
     reads only the shards of its own devices, and a shard is read in blocks of at most
     READ_BLOCK_BYTES (see `read_leaf`), so host memory never holds more than the parameters
-    placed so far plus a few blocks.
+    placed so far plus a few blocks. In the WEIGHT layout each block of a projection is
+    transposed into place as it arrives (its kernel's sharding with the mesh axes swapped).
     """
     directory = os.fspath(directory)
     meta = read_metadata(directory)
@@ -299,7 +303,12 @@ def restore_params(directory: str | os.PathLike, config: BlueLMConfig, dtype: An
     params: dict = {}
     try:
         for path, leaf in flatten(target):
-            set_path(params, path, read_leaf(_open_stored_leaf(params_dir, path, context), leaf, params_dir, path))
+            store = _open_stored_leaf(params_dir, path, context)
+            if path_in(path, layout) == path:
+                set_path(params, path, read_leaf(store, leaf, params_dir, path))
+            else:
+                leaf = jax.ShapeDtypeStruct(leaf.shape[::-1], leaf.dtype, sharding=transposed_sharding(leaf.sharding))
+                set_path(params, path_in(path, layout), read_leaf(store, leaf, params_dir, path, transpose=True))
     except Exception as e:  # noqa: BLE001 - TensorStore reports a damaged file as one of many types
         raise damaged(directory, e) from None
     return params
@@ -307,6 +316,7 @@ def restore_params(directory: str | os.PathLike, config: BlueLMConfig, dtype: An
 
 # ------------------------------------------------------------------ reading leaves into their shards
 
+TRANSPOSE_TILE = 128  # rows and columns of the tiles `transpose_into` copies at once (cache-sized)
 HOST_ALIGNMENT = 64  # jax adopts a numpy buffer aligned to this on a CPU device instead of copying it
 READ_BLOCK_BYTES = 64 * 1024 * 1024  # rows of a shard read (and, off CPU, sent to the device) at once
 READ_INFLIGHT_BYTES = 256 * 1024 * 1024  # bytes of blocks requested from TensorStore and not yet copied
@@ -365,27 +375,52 @@ def _open_stored_leaf(params_dir: str, path: PathT, context: ts.Context) -> ts.T
     raise CheckpointError(f"{params_dir}: cannot open parameter {path_name(path)} ({errors[-1]})")
 
 
-def _read_into(store: ts.TensorStore, out: np.ndarray, where: str) -> np.ndarray:
-    """Fills `out` (the shape of `store`) block by block, casting to its dtype, with bounded bytes in flight."""
+def transpose_into(out: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """Writes the transpose of 2-D `a` into `out` (a.shape reversed), tile by tile: 0.08 s for a
+    4096 x 11008 bfloat16 weight here, where numpy's own strided copy takes 0.5 s."""
+    native = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.itemsize]
+    src, dst = a.view(native), out.view(native)  # [rows, cols], [cols, rows]
+    for i in range(0, a.shape[0], TRANSPOSE_TILE):
+        for j in range(0, a.shape[1], TRANSPOSE_TILE):
+            dst[j:j + TRANSPOSE_TILE, i:i + TRANSPOSE_TILE] = src[i:i + TRANSPOSE_TILE, j:j + TRANSPOSE_TILE].T
+    return out
+
+
+def host_transpose(a: np.ndarray) -> np.ndarray:
+    """The transpose of a 2-D host array, as a new aligned array (`aligned_empty`)."""
+    return transpose_into(aligned_empty(a.shape[::-1], a.dtype), a)
+
+
+def _read_into(store: ts.TensorStore, out: np.ndarray, where: str, transpose: bool = False) -> np.ndarray:
+    """Fills `out` (the shape of `store`, or of its transpose with `transpose`) block by block,
+    casting to its dtype, with bounded bytes in flight."""
     store = store.translate_to[0]  # rows count from 0, as in `out`
     pending: collections.deque = collections.deque()
     inflight = 0
     try:
-        for rows in row_blocks(out.shape, store.dtype.numpy_dtype.itemsize):
+        for rows in row_blocks(tuple(store.shape), store.dtype.numpy_dtype.itemsize):
             future = store[rows].read()
-            nbytes = out[rows].size * store.dtype.numpy_dtype.itemsize
+            nbytes = math.prod(store[rows].shape) * store.dtype.numpy_dtype.itemsize
             pending.append((rows, future, nbytes))
             inflight += nbytes
             while inflight > READ_INFLIGHT_BYTES:
                 rows_done, done, n = pending.popleft()
-                out[rows_done] = done.result()
+                _place(out, rows_done, done.result(), transpose)
                 inflight -= n
         while pending:
             rows_done, done, _ = pending.popleft()
-            out[rows_done] = done.result()
+            _place(out, rows_done, done.result(), transpose)
     except (ValueError, RuntimeError, OSError) as e:
         raise CheckpointError(f"{where}: cannot read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return out
+
+
+def _place(out: np.ndarray, rows: slice, block: np.ndarray, transpose: bool) -> None:
+    """out[rows] = block, or with `transpose` out[:, rows] = block transposed (cast to out's dtype)."""
+    if not transpose:
+        out[rows] = block
+        return
+    transpose_into(out[:, rows], block.astype(out.dtype, copy=False))
 
 
 def adopts_host_buffers(device: jax.Device) -> bool:
@@ -398,8 +433,10 @@ def _index_key(index: tuple, shape: tuple[int, ...]) -> tuple:
     return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
 
 
-def read_leaf(store: ts.TensorStore, leaf: jax.ShapeDtypeStruct, params_dir: str, path: PathT) -> jax.Array:
-    """Reads one stored array into a jax.Array of `leaf`'s dtype, shard by shard into `leaf.sharding`.
+def read_leaf(store: ts.TensorStore, leaf: jax.ShapeDtypeStruct, params_dir: str, path: PathT,
+              transpose: bool = False) -> jax.Array:
+    """Reads one stored array (or with `transpose`, a 2-D one transposed: `leaf` has the
+    reversed shape) into a jax.Array of `leaf`'s dtype, shard by shard into `leaf.sharding`.
 
     Only the shards of this process's devices are read. On a CPU device a shard is read into
     an aligned host buffer that becomes the device buffer (no copy). On an accelerator a
@@ -415,14 +452,18 @@ def read_leaf(store: ts.TensorStore, leaf: jax.ShapeDtypeStruct, params_dir: str
         if key in placed:
             shards.append(jax.device_put(placed[key], device))
             continue
-        shard_store = store[index].translate_to[0]  # origin 0, as the host buffer
-        shard_shape = tuple(shard_store.shape)
+        shard_store = store[index[::-1] if transpose else index].translate_to[0]  # origin 0, as the host buffer
+        stored_shape = tuple(shard_store.shape)
+        out_shape = stored_shape[::-1] if transpose else stored_shape
         if adopts_host_buffers(device):
-            shard = jax.device_put(_read_into(shard_store, aligned_empty(shard_shape, dtype), where), device)
-        else:
-            blocks = [jax.device_put(_read_into(shard_store[rows], aligned_empty(shard_store[rows].shape, dtype), where),
-                                     device) for rows in row_blocks(shard_shape, dtype.itemsize)]
-            shard = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=0)
+            shard = jax.device_put(_read_into(shard_store, aligned_empty(out_shape, dtype), where, transpose), device)
+        else:  # blocks of the stored rows: rows of the shard, or its columns with `transpose`
+            blocks = []
+            for rows in row_blocks(stored_shape, dtype.itemsize):
+                block_shape = tuple(shard_store[rows].shape)
+                host = aligned_empty(block_shape[::-1] if transpose else block_shape, dtype)
+                blocks.append(jax.device_put(_read_into(shard_store[rows], host, where, transpose), device))
+            shard = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1 if transpose else 0)
             del blocks
         placed[key] = shard
         shards.append(shard)

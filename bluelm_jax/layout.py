@@ -14,39 +14,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from bluelm_jax import params as P
-from bluelm_jax.checkpoint import adopts_host_buffers, aligned_empty
+from bluelm_jax.checkpoint import adopts_host_buffers, host_transpose
 from bluelm_jax.model import keeps_bf16_weight
-
-TILE = 128  # rows and columns of the tiles a host transpose copies at once (cache-sized)
+from bluelm_jax.sharding import transposed_sharding
 
 
 def inference_layout(param_dtype: Any, compute_dtype: Any) -> str:
     """WEIGHT where the products run as bfloat16 dots with a float32 result (bfloat16 weights,
     float32 compute, CPU), else KERNEL."""
     return P.WEIGHT if keeps_bf16_weight(param_dtype, compute_dtype) else P.KERNEL
-
-
-def transposed_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
-    """The sharding of the transpose of a 2-D array placed by `sharding` (mesh axes swapped)."""
-    if isinstance(sharding, NamedSharding):
-        spec = (*sharding.spec, *(None,) * (2 - len(sharding.spec)))  # [rows, cols]
-        return NamedSharding(sharding.mesh, PartitionSpec(*spec[::-1]))
-    return sharding  # one device (or fully replicated): the transpose lives where the array does
-
-
-def host_transpose(a: np.ndarray) -> np.ndarray:
-    """The transpose of a 2-D host array as a new aligned array (`checkpoint.aligned_empty`, which a
-    CPU device adopts without a copy), copied tile by tile: 0.08 s for a 4096 x 11008 bfloat16
-    weight here, where numpy's own strided copy takes 0.5 s."""
-    native = a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.itemsize])  # [rows, cols]
-    out = aligned_empty(a.shape[::-1], native.dtype)  # [cols, rows]
-    for i in range(0, a.shape[0], TILE):
-        for j in range(0, a.shape[1], TILE):
-            out[j:j + TILE, i:i + TILE] = native[i:i + TILE, j:j + TILE].T
-    return out.view(a.dtype)
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,7 +13,8 @@ import numpy as np
 from bluelm_jax import checkpoint, hub
 from bluelm_jax import params as P
 from bluelm_jax.config import BlueLMConfig
-from bluelm_jax.layout import inference_layout, to_layout, transposed_sharding
+from bluelm_jax.layout import inference_layout
+from bluelm_jax.sharding import transposed_sharding
 from bluelm_jax.model import BlueLMForCausalLM, build, forward
 from bluelm_jax.params import flatten, get_path, set_path
 
@@ -109,8 +110,8 @@ def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
     "weight" [out, in]; default "weight" for bfloat16 weights under float32 compute on CPU
     (its bfloat16 products are about twice as fast there), else "kernel" (`layout.inference_layout`).
     Host memory peaks at about the parameters' bytes plus a few read blocks: leaves are read
-    one at a time into their shards (see `checkpoint.read_leaf`), and moved to the WEIGHT
-    layout one at a time.
+    one at a time into their shards (see `checkpoint.read_leaf`), transposed block by block
+    into the WEIGHT layout.
     """
     path = hub.resolve(path)
     if not os.path.isdir(path):
@@ -131,7 +132,7 @@ def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
     layout = P.check_layout(layout) if layout is not None else inference_layout(
         _param_dtype(path, dtype, converted), compute)
     if converted:
-        params = to_layout(checkpoint.restore_params(path, config, dtype, shardings), layout)
+        params = checkpoint.restore_params(path, config, dtype, shardings, layout)
     else:
         params = _load_hf(path, config, dtype, shardings, layout)
     return BlueLM(config, tokenizer, params, compute, path, mesh)

@@ -237,6 +237,14 @@ def param_shardings(config: BlueLMConfig, mesh: Mesh) -> dict:
                         is_leaf=lambda x: isinstance(x, P))
 
 
+def transposed_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of the transpose of a 2-D array placed by `sharding` (its mesh axes swapped)."""
+    if isinstance(sharding, NamedSharding):
+        spec = (*sharding.spec, *(None,) * (2 - len(sharding.spec)))  # [rows, cols]
+        return NamedSharding(sharding.mesh, P(*spec[::-1]))
+    return sharding  # one device (or fully replicated): the transpose lives where the array does
+
+
 def put(x, sharding: NamedSharding) -> jax.Array:
     """Places a host array (the same global value on every process) by `sharding`; each device
     receives only its slice, copied from the host one shard at a time."""

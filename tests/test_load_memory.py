@@ -80,15 +80,17 @@ def test_load_peak_memory_is_about_the_parameters(checkpoints, source):
                                f"{param_bytes / 1e6:.0f} MB of parameters (limit {limit / 1e6:.0f} MB)")
 
 
-def test_accelerator_path_sends_shards_in_blocks(tmp_path, tokenizer_model, monkeypatch):
-    """Devices that do not adopt host buffers get each shard in row blocks, joined on the device."""
+@pytest.mark.parametrize("layout", ["kernel", "weight"])
+def test_accelerator_path_sends_shards_in_blocks(tmp_path, tokenizer_model, monkeypatch, layout):
+    """Devices that do not adopt host buffers get each shard in row blocks, joined on the device
+    (in the weight layout, blocks of stored rows transposed into columns of the shard)."""
     import jax
     import numpy as np
 
     from bluelm_jax import checkpoint
     from bluelm_jax.config import preset
-    from bluelm_jax.params import flatten, get_path
-    from bluelm_jax.sharding import make_mesh, param_shardings
+    from bluelm_jax.params import flatten, get_path, path_in
+    from bluelm_jax.sharding import make_mesh, param_shardings, transposed_sharding
 
     config = preset("tiny")
     orbax = str(tmp_path / "orbax")
@@ -101,10 +103,16 @@ def test_accelerator_path_sends_shards_in_blocks(tmp_path, tokenizer_model, monk
     sent: list[np.ndarray] = []
     device_put = jax.device_put
     monkeypatch.setattr(checkpoint.jax, "device_put", lambda x, *a, **k: sent.append(x) or device_put(x, *a, **k))
-    got = checkpoint.restore_params(orbax, config, shardings=shardings)
+    got = checkpoint.restore_params(orbax, config, shardings=shardings, layout=layout)
     host_blocks = [x for x in sent if isinstance(x, np.ndarray)]
     assert len(host_blocks) > len(list(flatten(got))) * 2  # shards went in several blocks
-    assert all(x.nbytes <= block_bytes or x.shape[0] == 1 for x in host_blocks)
-    for path, leaf in flatten(got):
-        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(get_path(expected, path)), err_msg=str(path))
-        assert leaf.sharding == get_path(shardings, path)
+    assert all(x.nbytes <= block_bytes or min(x.shape) == 1 for x in host_blocks)
+    moved = 0
+    for path, leaf in flatten(expected):
+        value, sharding = np.asarray(leaf), get_path(shardings, path)
+        if path_in(path, layout) != path:
+            value, sharding, moved = value.T, transposed_sharding(sharding), moved + 1
+        restored = get_path(got, path_in(path, layout))
+        np.testing.assert_array_equal(np.asarray(restored), value, err_msg=str(path))
+        assert restored.sharding == sharding
+    assert moved == (0 if layout == "kernel" else 7 * config.num_hidden_layers + 1)
