@@ -1,0 +1,151 @@
+"""Serving throughput and latency: `python -m bluelm_jax serve` under 1, 4 and 16 concurrent clients.
+
+    python bench/serve.py [--shape medium] [--requests 16] [--clients 1 4 16] [--max-batch 16]
+
+A random-weight checkpoint of the shape (default medium: hidden 1024, 16 layers, vocabulary
+100096, float32 on CPU) and the test tokenizer are written to a temporary directory, and the
+server runs in a subprocess. The same set of requests (token-id prompts of mixed lengths,
+mixed max_tokens, greedy) is sent by 1, 4 and 16 client threads with the `openai` client,
+streamed. The 1-client row sends them one at a time, as the release's demo serves them.
+Per row: aggregate output tokens/s (all completion tokens / wall time of the round), time to
+first token (request sent -> first chunk) and time per output token ((last chunk - first
+chunk) / (tokens - 1)) at p50 and p99. A warm-up round first compiles every prompt bucket.
+Timings are never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+PROMPT_LENGTHS = (12, 40, 90, 200)
+MAX_TOKENS = (24, 32, 40, 48)
+START_TIMEOUT_S = 900
+
+
+def write_checkpoint(directory: str, shape: str) -> str:
+    """A random-weight Hugging Face directory of the shape, with the test tokenizer."""
+    from bench.decode import SHAPES
+    from tests.hf_reference import write_hf_checkpoint
+    from tests.spm import train_tokenizer
+
+    tokenizer = train_tokenizer(os.path.join(directory, "tokenizer.model"))
+    return write_hf_checkpoint(os.path.join(directory, "model"), SHAPES[shape], tokenizer, num_shards=1)
+
+
+def start_server(model_dir: str, port: int, max_batch: int, log) -> subprocess.Popen:
+    """The serve subprocess, once /health answers."""
+    proc = subprocess.Popen([sys.executable, "-m", "bluelm_jax", "serve", "--model", model_dir, "--port", str(port),
+                             "--max-batch", str(max_batch), "--max-queue", "256", "--no-compile-cache",
+                             "--served-model-name", "bench"],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}; see {log.name}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"the server did not start in {START_TIMEOUT_S} s")
+
+
+def requests_of(n: int, vocab: int, seed: int = 0) -> list[dict]:
+    """n completion requests: token-id prompts of mixed lengths, mixed max_tokens, greedy."""
+    rng = np.random.default_rng(seed)
+    return [{"prompt": rng.integers(4, vocab, PROMPT_LENGTHS[i % len(PROMPT_LENGTHS)]).tolist(),
+             "max_tokens": MAX_TOKENS[(i // len(PROMPT_LENGTHS)) % len(MAX_TOKENS)]} for i in range(n)]
+
+
+def timed_request(client, request: dict) -> tuple[float, float, int]:
+    """(time to first token, time per output token, completion tokens) of one streamed request."""
+    sent = time.perf_counter()
+    first = last = None
+    tokens = 0
+    for chunk in client.completions.create(model="bench", temperature=0, stream=True,
+                                           stream_options={"include_usage": True}, **request):
+        now = time.perf_counter()
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+        elif chunk.choices and chunk.choices[0].text:
+            first = first if first is not None else now
+            last = now
+    first = first if first is not None else time.perf_counter()
+    tpot = (last - first) / (tokens - 1) if last is not None and tokens > 1 else float("nan")
+    return first - sent, tpot, tokens
+
+
+def run_round(client, requests: list[dict], clients: int) -> dict:
+    """Sends the requests from `clients` threads (each takes the next request when free)."""
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda r: timed_request(client, r), requests))
+    wall = time.perf_counter() - start
+    ttft, tpot, tokens = (np.array(x, np.float64) for x in zip(*results))
+    tpot = tpot[np.isfinite(tpot)]
+    return {"clients": clients, "tokens": int(tokens.sum()), "wall": wall, "tok_s": tokens.sum() / wall,
+            "ttft50": np.percentile(ttft, 50), "ttft99": np.percentile(ttft, 99),
+            "tpot50": np.percentile(tpot, 50) if tpot.size else float("nan"),
+            "tpot99": np.percentile(tpot, 99) if tpot.size else float("nan")}
+
+
+def main(argv=None) -> None:
+    import openai
+
+    from bench.decode import SHAPES
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=list(SHAPES), default="medium")
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_checkpoint(tmp, args.shape)
+        with open(os.path.join(tmp, "server.log"), "w") as log:
+            t0 = time.perf_counter()
+            proc = start_server(model_dir, args.port, args.max_batch, log)
+            print(f"shape {args.shape} ({SHAPES[args.shape].num_parameters() / 1e6:.0f}M parameters), float32 on "
+                  f"{os.cpu_count()} CPUs; max batch {args.max_batch}; server up in {time.perf_counter() - t0:.1f} s",
+                  flush=True)
+            try:
+                client = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="none", max_retries=0,
+                                       timeout=3600)
+                requests = requests_of(args.requests, vocab=600)  # ids the test tokenizer can decode
+                t0 = time.perf_counter()
+                run_round(client, requests, max(args.clients))  # warm-up: compiles every bucket
+                print(f"warm-up round {time.perf_counter() - t0:.1f} s; {len(requests)} requests, prompts "
+                      f"{'/'.join(map(str, PROMPT_LENGTHS))} tokens, max_tokens {'/'.join(map(str, MAX_TOKENS))}")
+                print(f"{'clients':>7} | {'tokens':>6} {'wall s':>7} {'tok/s':>7} {'x 1 client':>10} | "
+                      f"{'TTFT p50':>8} {'p99':>7} | {'TPOT p50':>8} {'p99':>7}", flush=True)
+                base = None
+                for clients in args.clients:
+                    r = run_round(client, requests, clients)
+                    base = r["tok_s"] if clients == 1 else base
+                    ratio = f"{r['tok_s'] / base:>9.2f}x" if base else f"{'':>10}"
+                    print(f"{clients:>7} | {r['tokens']:>6} {r['wall']:>7.1f} {r['tok_s']:>7.1f} {ratio} | "
+                          f"{r['ttft50']:>7.3f}s {r['ttft99']:>6.3f}s | {r['tpot50'] * 1e3:>6.1f}ms "
+                          f"{r['tpot99'] * 1e3:>5.1f}ms", flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(30)
+
+
+if __name__ == "__main__":
+    main()
