@@ -128,13 +128,17 @@ class Server:
             raise bad_request(f"messages: {e}", param="messages") from None
 
     def completion_prompt(self, prompt) -> list[int]:
-        """Token ids of a completion prompt (text gets `<s>` first; ids are taken as they are)."""
+        """Token ids of a completion prompt (text gets `<s>` first; ids, which must be pieces of the
+        tokenizer, are taken as they are)."""
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_bos=True)
-        vocab = self.model.config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
+            try:
+                return self.tokenizer.encode(prompt, add_bos=True)
+            except ValueError as e:  # e.g. a lone surrogate (UnicodeEncodeError)
+                raise bad_request(f"prompt: {e}", param="prompt") from None
+        pieces = min(self.model.config.vocab_size, self.tokenizer.vocab_size)
+        bad = [t for t in prompt if not 0 <= t < pieces]
         if bad:
-            raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
+            raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {pieces})", param="prompt")
         return list(prompt)
 
 
@@ -220,11 +224,11 @@ async def chat_stream(server: Server, parsed: schema.ChatRequest, choices: list[
 # ------------------------------------------------------------------ completions
 
 
-def logprobs_object(tokenizer, ids: list[int], scores: Optional[scoring.Scores], start: int, k: int,
-                    offset: int) -> dict:
-    """OpenAI completion logprobs of ids[start:] (the first id of a sequence has none)."""
+def logprobs_object(tokenizer, ids: list[int], scores: Optional[scoring.Scores], start: int) -> dict:
+    """OpenAI completion logprobs of ids[start:] (the first id of a sequence has none); text
+    offsets count from the start of the choice's text."""
     texts = scoring.token_texts(tokenizer, ids)
-    token_logprobs, top, offsets = [], [], []
+    token_logprobs, top, offsets, offset = [], [], [], 0
     for i in range(start, len(ids)):
         offsets.append(offset)
         offset += len(texts[i])
@@ -233,8 +237,10 @@ def logprobs_object(tokenizer, ids: list[int], scores: Optional[scoring.Scores],
             top.append(None)
             continue
         token_logprobs.append(float(scores.token_logprobs[i - 1]))
-        top.append({scoring.token_text(tokenizer, ids, i, int(t)): float(lp)
-                    for t, lp in zip(scores.top_ids[i - 1], scores.top_logprobs[i - 1])})
+        alternatives: dict = {}
+        for t, lp in zip(scores.top_ids[i - 1], scores.top_logprobs[i - 1]):  # best first: it keeps a shared text
+            alternatives.setdefault(scoring.token_text(tokenizer, ids, i, int(t)), float(lp))
+        top.append(alternatives)
     return {"tokens": texts[start:], "token_logprobs": token_logprobs, "top_logprobs": top,
             "text_offset": offsets}
 
@@ -250,7 +256,7 @@ async def completion_choice(server: Server, parsed: schema.CompletionRequest, pr
         ids = prompt_ids + generated
         start = 0 if parsed.echo else len(prompt_ids)
         scores = await asyncio.to_thread(scoring.score, server.model, ids, parsed.logprobs) if len(ids) > 1 else None
-        logprobs = logprobs_object(tok, ids, scores, start, parsed.logprobs, 0)
+        logprobs = logprobs_object(tok, ids, scores, start)
     finish = choice.finish_reason if choice is not None else "length"
     return {"text": echoed + text, "index": 0, "logprobs": logprobs, "finish_reason": finish}
 

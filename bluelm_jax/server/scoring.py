@@ -2,8 +2,10 @@
 
 `score` runs `model.logits` (float32) once over the ids, right-padded to a prompt bucket so
 that few lengths compile (attention is causal: padding after a token does not change it),
-and takes the float32 log-softmax: for each position after the first, the log-probability of
-the token there and the top-k alternatives. `token_texts` gives each token's text as it reads
+and takes the float32 log-softmax over the whole vocabulary: for each position after the
+first, the log-probability of the token there and the top-k alternatives among the
+tokenizer's pieces (the embedding may have more rows than the tokenizer has pieces; those
+ids are never sampled and have no text). `token_texts` gives each token's text as it reads
 in context, so that the texts of a sequence join into its decoded text.
 """
 
@@ -36,7 +38,7 @@ def _log_softmax(logits: jax.Array) -> jax.Array:
 
 
 def score(model, ids: Sequence[int], k: int) -> Scores:
-    """Log-probabilities of ids[1:] under the model, and the k most likely ids at each position."""
+    """Log-probabilities of ids[1:] under the model, and the k most likely pieces at each position."""
     n = len(ids)
     width = bucket_length(n)
     tokens = np.full((1, width), model.config.pad_token_id, np.int32)  # [1, width]
@@ -44,7 +46,8 @@ def score(model, ids: Sequence[int], k: int) -> Scores:
     logprobs = _log_softmax(model.logits(tokens)[0, : n - 1])  # [n - 1, vocab]
     targets = jnp.asarray(np.asarray(ids[1:], np.int32))
     chosen = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]  # [n - 1]
-    top_lp, top_ids = jax.lax.top_k(logprobs, max(k, 1))  # [n - 1, k]
+    pieces = min(model.config.vocab_size, model.tokenizer.vocab_size)
+    top_lp, top_ids = jax.lax.top_k(logprobs[:, :pieces], max(k, 1))  # [n - 1, k]
     return Scores(np.asarray(chosen), np.asarray(top_ids)[:, :k], np.asarray(top_lp)[:, :k])
 
 
