@@ -32,7 +32,6 @@ from bluelm_jax.server import schema, scoring, tools
 from bluelm_jax.server.generation import Choice
 from bluelm_jax.server.metrics import CONTENT_TYPE, Metrics
 from bluelm_jax.server.schema import APIError, bad_request
-from bluelm_jax.tokenizer import format_chat
 
 ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics")
 DISCONNECT_POLL_S = 0.1
@@ -123,7 +122,7 @@ class Server:
         """Token ids of the chat template over the messages (and the tools text)."""
         messages = tools.prompt_messages(parsed.messages, parsed.tools)
         try:
-            return self.tokenizer.encode(format_chat(messages), add_bos=True)
+            return self.tokenizer.encode_chat(messages)
         except ValueError as e:
             raise bad_request(f"messages: {e}", param="messages") from None
 
