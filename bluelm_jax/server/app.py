@@ -92,6 +92,9 @@ class Server:
         except ValueError as e:  # the engine's checks (e.g. planning.ContextOverflowError)
             self._cancel(choices)
             raise bad_request(str(e)) from None
+        except RuntimeError as e:  # the engine failed or is closing
+            self._cancel(choices)
+            raise APIError(503, f"the engine is not running: {e}", type="server_error") from None
         return choices
 
     @staticmethod
