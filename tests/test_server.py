@@ -152,7 +152,7 @@ def test_streamed_chat_equals_the_whole_answer_and_generate(random_server, rando
                                                  temperature=0, stream=True,
                                                  stream_options={"include_usage": True}))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    expected = generate(random_model, messages, chat=True, max_new_tokens=24)
+    expected = generate(random_model, messages, chat=True, max_new_tokens=24, repetition_penalty=1.1)  # chat's default
     assert whole.choices[0].message.content == streamed == expected.texts[0]
     assert whole.choices[0].finish_reason == [c for c in chunks if c.choices][-1].choices[0].finish_reason == "length"
     assert whole.usage.prompt_tokens == len(expected.prompt_ids[0]) and whole.usage.completion_tokens == 24
@@ -226,32 +226,43 @@ def test_bad_requests_get_their_status_and_a_json_error(random_server, path, bod
     assert http("GET", random_server.url + "/health")[0] == 200
 
 
-def wait_for_idle(server, timeout=10.0) -> dict:
+def wait_for(server, condition, timeout=20.0) -> dict:
+    """The metrics once condition(metrics) holds (or the last ones after timeout seconds)."""
     deadline = time.monotonic() + timeout
     while True:
         m = server.metrics()
-        if m["bluelm_active_slots"] == 0 and m["bluelm_queue_depth"] == 0 or time.monotonic() > deadline:
+        if condition(m) or time.monotonic() > deadline:
             return m
+        time.sleep(0.05)
+
+
+def idle(m) -> bool:
+    return m["bluelm_active_slots"] == 0 and m["bluelm_queue_depth"] == 0
 
 
 def long_stream(client):
-    return client.completions.create(model=RANDOM_NAME, prompt="Tell me a story", max_tokens=1500, temperature=0.8,
+    """A streamed completion that runs to the context's end (the random model never says </s>)."""
+    return client.completions.create(model=RANDOM_NAME, prompt="Tell me a story", max_tokens=2000, temperature=0.8,
                                      stream=True)
 
 
 def test_a_full_queue_gets_429_and_closed_streams_free_their_slots(random_server):
     client = random_server.client()
-    streams = [long_stream(client) for _ in range(12)]  # 4 slots + 8 waiting: headers come at submission
+    streams = [long_stream(client) for _ in range(4)]  # the 4 slots
     try:
+        m = wait_for(random_server, lambda m: m["bluelm_active_slots"] == 4)
+        assert m["bluelm_active_slots"] == 4 and m["bluelm_queue_depth"] == 0
+        streams += [long_stream(client) for _ in range(8)]  # the 8 places of the queue
         with pytest.raises(openai.RateLimitError) as e:
             long_stream(client)
         assert e.value.status_code == 429 and e.value.body["code"] == "queue_full"
+        assert random_server.metrics()["bluelm_queue_depth"] == 8
         assert next(iter(streams[0])).choices[0].text is not None  # a running one streams on
     finally:
         for s in streams:
             s.close()
-    m = wait_for_idle(random_server)
-    assert m["bluelm_active_slots"] == 0 and m["bluelm_queue_depth"] == 0
+    m = wait_for(random_server, idle)
+    assert idle(m)
     assert m['bluelm_requests_total{route="/v1/completions",status="429"}'] >= 1
 
 
@@ -267,8 +278,8 @@ def test_ten_clients_that_leave_mid_stream_free_their_slots(random_server):
 
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         assert list(pool.map(leave_after_three_chunks, range(10))) == [3] * 10
-    m = wait_for_idle(random_server)
-    assert m["bluelm_active_slots"] == 0 and m["bluelm_queue_depth"] == 0
+    m = wait_for(random_server, idle)
+    assert idle(m)
     assert m['bluelm_requests_finished_total{reason="cancelled"}'] - before == 10
     after = client.completions.create(model=RANDOM_NAME, prompt="still there?", max_tokens=3, temperature=0)
     assert after.choices[0].finish_reason == "length" and after.usage.completion_tokens == 3
@@ -297,7 +308,7 @@ def test_default_model_chat_streamed_and_not(default_server, default):
     whole = client.chat.completions.create(model="bluelm-default", messages=messages, temperature=0)
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model="bluelm-default", messages=messages, temperature=0, stream=True))
-    expected = generate(default, messages, chat=True, max_new_tokens=2048)  # to the context's end
+    expected = generate(default, messages, chat=True, max_new_tokens=2048, repetition_penalty=1.1)
     assert whole.choices[0].message.content == streamed == expected.texts[0] != ""
     assert whole.choices[0].finish_reason == "stop" and whole.usage.completion_tokens == len(expected.ids[0])
 
