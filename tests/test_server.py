@@ -313,6 +313,38 @@ def test_default_model_chat_streamed_and_not(default_server, default):
     assert whole.choices[0].finish_reason == "stop" and whole.usage.completion_tokens == len(expected.ids[0])
 
 
+CONCURRENT_PROMPTS = ["Hello", "The weather is sunny and warm in the morning.", "1 2 3 4 5",
+                      "Once upon a time, a small cat lived in a quiet village."]  # all in one prompt bucket
+
+
+def concurrent_request(i: int) -> dict:
+    """Request i of 32: prompts of mixed lengths, max_tokens 4..15, every other one sampled with a seed."""
+    sampled = dict(temperature=0.9, top_p=0.9, top_k=20, repetition_penalty=1.2, seed=100 + i) if i % 2 else \
+        dict(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0)
+    return dict(prompt=CONCURRENT_PROMPTS[i % 4] + " " * (i // 4 % 2), max_tokens=4 + (i * 7) % 12, **sampled)
+
+
+def test_32_concurrent_clients_get_their_solo_results(default_server, default):
+    client = default_server.client(key="unused")
+
+    def send(i):
+        r = dict(concurrent_request(i))
+        extra = {"top_k": r.pop("top_k"), "repetition_penalty": r.pop("repetition_penalty")}
+        out = client.completions.create(model="bluelm-default", extra_body=extra, **r)
+        return out.choices[0].text, out.usage.completion_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        list(pool.map(send, range(8)))  # warm-up: greedy and sampled, every prompt
+        compiles = default_server.metrics()["bluelm_engine_compiles_total"]
+        results = list(pool.map(send, range(32)))
+    for i, (text, count) in enumerate(results):
+        r = concurrent_request(i)
+        solo = generate(default, r.pop("prompt"), max_new_tokens=r.pop("max_tokens"), **r)
+        assert (text, count) == (solo.texts[0], len(solo.ids[0])), i
+    m = wait_for(default_server, idle)
+    assert idle(m) and m["bluelm_engine_compiles_total"] == compiles
+
+
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather of a city",
                                              "parameters": {"type": "object",
                                                             "properties": {"city": {"type": "string"}}}}}
