@@ -357,9 +357,10 @@ def _shift(state: EngineState, delta: jax.Array, free: jax.Array) -> EngineState
 
 
 def _decode_block(params, state: EngineState, steps: jax.Array, release: jax.Array, static: Static,
-                  width: int) -> tuple[EngineState, jax.Array]:
+                  width: int) -> tuple[EngineState, jax.Array, jax.Array]:
     """Ends the rows in `release` [batch] bool, then runs up to `steps` (traced, <= width) decode
-    steps while a row runs. Returns the state and the tokens [batch, width] (NO_TOKEN: none)."""
+    steps while a row runs. Returns the state, the tokens [batch, width] (NO_TOKEN: none) and
+    the number of steps taken [] (the write index advanced by as many)."""
     TRACE_COUNTS["engine.decode_block"] += 1
     batch = state.token.shape[0]
     state = state._replace(done=state.done | release)
@@ -377,8 +378,8 @@ def _decode_block(params, state: EngineState, steps: jax.Array, release: jax.Arr
         s, column = _record(s, token)
         return i + 1, s, jax.lax.dynamic_update_slice_in_dim(out, column[:, None], i, axis=1)
 
-    _, state, out = jax.lax.while_loop(running, step, (jnp.zeros((), jnp.int32), state, out))
-    return state, out
+    taken, state, out = jax.lax.while_loop(running, step, (jnp.zeros((), jnp.int32), state, out))
+    return state, out, taken
 
 
 init_state = jax.jit(_init_state, static_argnames=("static", "batch", "slots", "max_stop_ids"))
@@ -458,6 +459,7 @@ class Engine:
         self._index = 0  # host copy of cache.index
         self._prefill: Optional[_Prefill] = None
         self._active = 0
+        self.shifts = 0  # how many times the rows were moved along the cache (`_shift`)
         self._release = np.zeros(self.max_batch, bool)  # freed rows to end on the device at the next block
         with sharding.use(self._mesh):
             self._state = init_state(static=self._static, batch=self.max_batch, slots=self.slots,
@@ -631,6 +633,7 @@ class Engine:
         self._state = shift(self._state, np.int32(delta), free)
         self._index += delta
         self._start += delta
+        self.shifts += 1
 
     def _release_rows(self) -> None:
         """Frees the rows whose caller cancelled or stopped (the device ends them at the next block)."""
@@ -647,11 +650,11 @@ class Engine:
                 self._shift(-low)
         steps = min(self.steps_per_sync, self.slots - self._index)
         assert steps > 0, "a running row always leaves a free slot at the end of the cache"
-        self._state, out = decode_block(self.model.params, self._state, np.int32(steps), self._release,
-                                        static=self._static, width=self.steps_per_sync)
+        self._state, out, taken = decode_block(self.model.params, self._state, np.int32(steps), self._release,
+                                               static=self._static, width=self.steps_per_sync)
         self._release = np.zeros(self.max_batch, bool)
-        self._index += steps
-        out, done, reason = (sharding.to_host(x) for x in (out, self._state.done, self._state.reason))
+        out, taken, done, reason = (sharding.to_host(x) for x in (out, taken, self._state.done, self._state.reason))
+        self._index += int(taken)  # fewer than `steps` when every row ended
         for b, h in enumerate(self._rows):
             if h is None:
                 continue

@@ -111,6 +111,7 @@ def test_concurrent_requests_equal_solo_generate(model):
     assert any(len(w) == 5 for w in want)  # stop ids did end some requests early
     with E.Engine(model, max_batch=4, max_queue=32, max_len=256, prefill_chunk=64, steps_per_sync=4) as engine:
         results = run_concurrently(engine, reqs)
+        assert engine.shifts >= 3  # rows were moved right (admissions) and left (the cache's end)
         for (ids, handle), w, r in zip(results, want, reqs):
             assert ids == w, r
             assert handle.completion_tokens == len(w) and handle.prompt_tokens == len(r.prompt_ids)
@@ -205,8 +206,10 @@ def test_no_recompiles_after_warm_up(model):
         run_concurrently(engine, batch(0))
         warm = engine.stats().compiles
         assert warm > 0
-        run_concurrently(engine, batch(1) + batch(2))
+        reqs = batch(1) + batch(2)
+        results = run_concurrently(engine, reqs)
         assert engine.stats().compiles == warm
+    assert [ids for ids, _ in results] == [solo(model, r) for r in reqs]
 
 
 def test_engine_under_a_mesh(model):
