@@ -1,6 +1,6 @@
 """Serving throughput and latency: `python -m bluelm_jax serve` under 1, 4 and 16 concurrent clients.
 
-    python bench/serve.py [--shape medium] [--requests 16] [--clients 1 4 16] [--max-batch 16]
+    python bench/serve.py [--shape medium] [--requests 16] [--clients 1 4 16] [--max-batch 16] [--startup]
 
 A random-weight checkpoint of the shape (default medium: hidden 1024, 16 layers, vocabulary
 100096, float32 on CPU) and the test tokenizer are written to a temporary directory, and the
@@ -10,6 +10,9 @@ streamed. The 1-client row sends them one at a time, as the release's demo serve
 Per row: aggregate output tokens/s (all completion tokens / wall time of the round), time to
 first token (request sent -> first chunk) and time per output token ((last chunk - first
 chunk) / (tokens - 1)) at p50 and p99. A warm-up round first compiles every prompt bucket.
+`--startup` instead times a cold start against a warm one: from launching the server to the
+answer of a first request (which compiles the engine's programs), with an empty JAX
+persistent compilation cache, then again with the cache that run filled.
 Timings are never asserted in tests.
 """
 
@@ -45,12 +48,13 @@ def write_checkpoint(directory: str, shape: str) -> str:
     return write_hf_checkpoint(os.path.join(directory, "model"), SHAPES[shape], tokenizer, num_shards=1)
 
 
-def start_server(model_dir: str, port: int, max_batch: int, log) -> subprocess.Popen:
-    """The serve subprocess, once /health answers."""
+def start_server(model_dir: str, port: int, max_batch: int, log, cache_dir: str | None = None) -> subprocess.Popen:
+    """The serve subprocess, once /health answers; cache_dir: the compilation cache's base (None: off)."""
+    cache = ["--no-compile-cache"] if cache_dir is None else []
+    env = dict(os.environ, **({"XDG_CACHE_HOME": cache_dir} if cache_dir else {}))
     proc = subprocess.Popen([sys.executable, "-m", "bluelm_jax", "serve", "--model", model_dir, "--port", str(port),
-                             "--max-batch", str(max_batch), "--max-queue", "256", "--no-compile-cache",
-                             "--served-model-name", "bench"],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                             "--max-batch", str(max_batch), "--max-queue", "256", "--served-model-name", "bench",
+                             *cache], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -103,6 +107,22 @@ def run_round(client, requests: list[dict], clients: int) -> dict:
             "tpot99": np.percentile(tpot, 99) if tpot.size else float("nan")}
 
 
+def startup_seconds(model_dir: str, port: int, max_batch: int, log, cache_dir: str) -> float:
+    """Seconds from launching the server to the answer of its first request."""
+    import openai
+
+    t0 = time.perf_counter()
+    proc = start_server(model_dir, port, max_batch, log, cache_dir)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=3600)
+        client.completions.create(model="bench", prompt=requests_of(1, vocab=600)[0]["prompt"], max_tokens=8,
+                                  temperature=0)
+        return time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def main(argv=None) -> None:
     import openai
 
@@ -114,11 +134,19 @@ def main(argv=None) -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--startup", action="store_true", help="time a cold start against a warm one")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_checkpoint(tmp, args.shape)
         with open(os.path.join(tmp, "server.log"), "w") as log:
+            if args.startup:
+                cache = os.path.join(tmp, "cache")
+                cold = startup_seconds(model_dir, args.port, args.max_batch, log, cache)
+                warm = startup_seconds(model_dir, args.port, args.max_batch, log, cache)
+                print(f"shape {args.shape}: launch to first answer {cold:.1f} s cold (empty compilation cache), "
+                      f"{warm:.1f} s warm")
+                return
             t0 = time.perf_counter()
             proc = start_server(model_dir, args.port, args.max_batch, log)
             print(f"shape {args.shape} ({SHAPES[args.shape].num_parameters() / 1e6:.0f}M parameters), float32 on "

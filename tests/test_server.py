@@ -287,6 +287,19 @@ def test_ten_clients_that_leave_mid_stream_free_their_slots(random_server):
     assert m["bluelm_time_to_first_token_seconds_count"] > 0 and m["bluelm_tokens_generated_total"] > 0
 
 
+def test_a_client_that_leaves_before_a_whole_answer_frees_its_slot(random_server):
+    before = random_server.metrics().get('bluelm_requests_finished_total{reason="cancelled"}', 0)
+    body = json.dumps({"prompt": "Tell me a story", "max_tokens": 2000}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", random_server.port)) as sock:  # not streamed
+        sock.sendall(head + body)
+        m = wait_for(random_server, lambda m: m["bluelm_active_slots"] == 1)
+        assert m["bluelm_active_slots"] == 1
+    m = wait_for(random_server, idle)
+    assert idle(m) and m['bluelm_requests_finished_total{reason="cancelled"}'] - before == 1
+
+
 # ------------------------------------------------------------------ the default model
 
 
