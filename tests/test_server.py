@@ -168,6 +168,21 @@ def test_seeded_choices_are_reproducible(random_server):
     assert a.choices[1].text != a.choices[0].text  # choice 1 uses seed + 1
 
 
+def test_a_stop_string_ends_the_text_before_it(random_server):
+    client = random_server.client()
+    kwargs = dict(model=RANDOM_NAME, prompt="The quick brown fox", max_tokens=30, temperature=0)
+    full = client.completions.create(**kwargs).choices[0].text
+    stop = next(full[i:i + 2] for i in range(8, len(full) - 2) if full[i:i + 2].strip() == full[i:i + 2])
+    stopped = random_server.metrics().get('bluelm_requests_finished_total{reason="stop"}', 0)
+    whole = client.completions.create(stop=[stop], **kwargs)
+    streamed = list(client.completions.create(stop=[stop], stream=True, **kwargs))
+    assert whole.choices[0].text == "".join(c.choices[0].text for c in streamed) == full[:full.index(stop)]
+    assert whole.choices[0].finish_reason == streamed[-1].choices[0].finish_reason == "stop"
+    assert whole.usage.completion_tokens < 30
+    m = wait_for(random_server, idle)  # the engine was told: both requests ended as "stop", not at 30 tokens
+    assert m['bluelm_requests_finished_total{reason="stop"}'] - stopped == 2
+
+
 def log_softmax(model, ids):
     """[n, vocab] float64 log-softmax of the model's logits over ids (unpadded)."""
     logits = np.asarray(model.logits([ids])[0], np.float64)
