@@ -8,6 +8,7 @@ cancelled task) cancels the request, so its decode slot is freed.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import AsyncIterator, Optional, Sequence
 
@@ -26,15 +27,16 @@ class Choice:
     async def pieces(self) -> AsyncIterator[str]:
         """Text increments until the request ends; their concatenation is `text`."""
         try:
-            async for token in self.handle.atokens():
-                piece = self.detok.push(token)
-                if self.detok.stopped:
-                    self.handle.stop()
-                if piece:
-                    self.shown += len(piece)
-                    yield piece
-                if self.detok.stopped:
-                    break
+            async with contextlib.aclosing(self.handle.atokens()) as tokens:
+                async for token in tokens:
+                    piece = self.detok.push(token)
+                    if self.detok.stopped:
+                        self.handle.stop()
+                    if piece:
+                        self.shown += len(piece)
+                        yield piece
+                    if self.detok.stopped:
+                        break
             rest = self.detok.text[self.shown:]  # held back in case a stop string followed
             if rest:
                 self.shown += len(rest)
