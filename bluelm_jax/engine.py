@@ -461,6 +461,7 @@ class Engine:
         self._active = 0
         self.shifts = 0  # how many times the rows were moved along the cache (`_shift`)
         self._release = np.zeros(self.max_batch, bool)  # freed rows to end on the device at the next block
+        self._first: list[tuple[int, Handle, jax.Array]] = []  # admitted rows' first tokens, not yet read
         with sharding.use(self._mesh):
             self._state = init_state(static=self._static, batch=self.max_batch, slots=self.slots,
                                      max_stop_ids=self.max_stop_ids)
@@ -625,8 +626,7 @@ class Engine:
         self._start[row] = self._index - length
         with self._lock:
             self._active += 1
-        token, done, reason = (int(x) for x in sharding.to_host(first))
-        self._deliver(row, [token], FINISH_REASONS[reason] if done else None)
+        self._first.append((row, p.handle, first))  # read with the next decode block: no wait here
 
     def _shift(self, delta: int) -> None:
         free = np.asarray([h is None for h in self._rows])
@@ -653,6 +653,10 @@ class Engine:
         self._state, out, taken = decode_block(self.model.params, self._state, np.int32(steps), self._release,
                                                static=self._static, width=self.steps_per_sync)
         self._release = np.zeros(self.max_batch, bool)
+        firsts, self._first = self._first, []
+        for row, handle, first in firsts:  # (token, done, reason); a done row is ended below
+            if self._rows[row] is handle:
+                self._deliver(row, [int(sharding.to_host(first)[0])], None)
         out, taken, done, reason = (sharding.to_host(x) for x in (out, taken, self._state.done, self._state.reason))
         self._index += int(taken)  # fewer than `steps` when every row ended
         for b, h in enumerate(self._rows):
