@@ -352,8 +352,18 @@ def _shift(state: EngineState, delta: jax.Array, free: jax.Array) -> EngineState
     cache = state.cache
     index = cache.index + delta
     start = jnp.where(free, index, cache.start + delta)
-    k, v = (jnp.roll(x, delta, axis=2) for x in (cache.k, cache.v))
+    k, v = (_roll_slots(x, delta) for x in (cache.k, cache.v))
     return state._replace(cache=KVCache(k, v, index, start))
+
+
+def _roll_slots(x: jax.Array, delta: jax.Array) -> jax.Array:
+    """x [layers, batch, slots, ...] rolled `delta` slots along axis 2, one layer at a time
+    (in place in a donated buffer: the extra memory is one layer, not a second cache)."""
+    def one_layer(layer, x):
+        rolled = jnp.roll(jax.lax.dynamic_index_in_dim(x, layer, axis=0), delta, axis=2)
+        return jax.lax.dynamic_update_index_in_dim(x, rolled, layer, axis=0)
+
+    return jax.lax.fori_loop(0, x.shape[0], one_layer, x)
 
 
 def _decode_block(params, state: EngineState, steps: jax.Array, release: jax.Array, static: Static,

@@ -159,6 +159,22 @@ def test_cancel_frees_the_slot_and_others_are_unaffected(model):
         assert b.finish_reason == "length"
 
 
+def test_long_prompt_prefill_is_interleaved_with_running_streams(model):
+    """A 150-token prompt in chunks of 32 (bucket 256, chunks from slot 96: 5 of them) lets the
+    running stream decode a block of steps between its chunks, and both stay exact."""
+    running = E.EngineRequest(prompt_ids=prompt(10, 1), max_new_tokens=90, stop_ids=(EOS,))
+    long = E.EngineRequest(prompt_ids=prompt(150, 2), max_new_tokens=5, stop_ids=(EOS,))
+    with E.Engine(model, max_batch=2, max_len=256, prefill_chunk=32, steps_per_sync=2) as engine:
+        a = engine.submit(running)
+        next(a.tokens(timeout=60))
+        before = len(a.ids)
+        b = engine.submit(long)
+        next(b.tokens(timeout=60))
+        assert len(a.ids) - before >= 4 * 2  # a block of 2 steps after each of the first 4 chunks
+        assert b.result(timeout=60) == solo(model, long)
+        assert a.result(timeout=60) == solo(model, running)
+
+
 def test_stop_ends_with_reason_stop(model):
     with E.Engine(model, max_batch=1, max_len=256) as engine:
         h = engine.submit(E.EngineRequest(prompt_ids=prompt(8, 3), max_new_tokens=200))
