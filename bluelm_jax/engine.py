@@ -507,6 +507,21 @@ class Engine:
             self._lock.notify_all()
         return handle
 
+    def warm_up(self, prompt_lengths=(1,)) -> None:
+        """Compiles the engine's functions for prompts of these lengths (their buckets), by
+        running one short greedy and one sampled request each; the stats do not count them."""
+        with self._lock:
+            tokens, finished = self._tokens_generated, collections.Counter(self._finished)
+        for n in prompt_lengths:
+            new = min(2, self.context - n)
+            if n < 1 or new < 1:
+                raise ValueError(f"a warm-up prompt of {n} tokens does not fit the context of {self.context} tokens")
+            for temperature in (0.0, 1.0):
+                self.submit(EngineRequest(prompt_ids=(self._static.pad_id,) * n, max_new_tokens=new,
+                                          temperature=temperature)).result()
+        with self._lock:
+            self._tokens_generated, self._finished = tokens, finished
+
     def stats(self) -> EngineStats:
         with self._lock:
             return EngineStats(active_slots=self._active, queue_depth=len(self._queue), max_batch=self.max_batch,
