@@ -352,8 +352,18 @@ def _shift(state: EngineState, delta: jax.Array, free: jax.Array) -> EngineState
     cache = state.cache
     index = cache.index + delta
     start = jnp.where(free, index, cache.start + delta)
-    k, v = (jnp.roll(x, delta, axis=2) for x in (cache.k, cache.v))
+    k, v = (_roll_slots(x, delta) for x in (cache.k, cache.v))
     return state._replace(cache=KVCache(k, v, index, start))
+
+
+def _roll_slots(x: jax.Array, delta: jax.Array) -> jax.Array:
+    """x [layers, batch, slots, ...] rolled `delta` slots along axis 2, one layer at a time
+    (in place in a donated buffer: the extra memory is one layer, not a second cache)."""
+    def one_layer(layer, x):
+        rolled = jnp.roll(jax.lax.dynamic_index_in_dim(x, layer, axis=0), delta, axis=2)
+        return jax.lax.dynamic_update_index_in_dim(x, rolled, layer, axis=0)
+
+    return jax.lax.fori_loop(0, x.shape[0], one_layer, x)
 
 
 def _decode_block(params, state: EngineState, steps: jax.Array, release: jax.Array, static: Static,
@@ -461,6 +471,7 @@ class Engine:
         self._active = 0
         self.shifts = 0  # how many times the rows were moved along the cache (`_shift`)
         self._release = np.zeros(self.max_batch, bool)  # freed rows to end on the device at the next block
+        self._first: list[tuple[int, Handle, jax.Array]] = []  # admitted rows' first tokens, not yet read
         with sharding.use(self._mesh):
             self._state = init_state(static=self._static, batch=self.max_batch, slots=self.slots,
                                      max_stop_ids=self.max_stop_ids)
@@ -495,6 +506,21 @@ class Engine:
             self._queue.append(handle)
             self._lock.notify_all()
         return handle
+
+    def warm_up(self, prompt_lengths=(1,)) -> None:
+        """Compiles the engine's functions for prompts of these lengths (their buckets), by
+        running one short greedy and one sampled request each; the stats do not count them."""
+        with self._lock:
+            tokens, finished = self._tokens_generated, collections.Counter(self._finished)
+        for n in prompt_lengths:
+            new = min(2, self.context - n)
+            if n < 1 or new < 1:
+                raise ValueError(f"a warm-up prompt of {n} tokens does not fit the context of {self.context} tokens")
+            for temperature in (0.0, 1.0):
+                self.submit(EngineRequest(prompt_ids=(self._static.pad_id,) * n, max_new_tokens=new,
+                                          temperature=temperature)).result()
+        with self._lock:
+            self._tokens_generated, self._finished = tokens, finished
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -625,8 +651,7 @@ class Engine:
         self._start[row] = self._index - length
         with self._lock:
             self._active += 1
-        token, done, reason = (int(x) for x in sharding.to_host(first))
-        self._deliver(row, [token], FINISH_REASONS[reason] if done else None)
+        self._first.append((row, p.handle, first))  # read with the next decode block: no wait here
 
     def _shift(self, delta: int) -> None:
         free = np.asarray([h is None for h in self._rows])
@@ -653,6 +678,10 @@ class Engine:
         self._state, out, taken = decode_block(self.model.params, self._state, np.int32(steps), self._release,
                                                static=self._static, width=self.steps_per_sync)
         self._release = np.zeros(self.max_batch, bool)
+        firsts, self._first = self._first, []
+        for row, handle, first in firsts:  # (token, done, reason); a done row is ended below
+            if self._rows[row] is handle:
+                self._deliver(row, [int(sharding.to_host(first)[0])], None)
         out, taken, done, reason = (sharding.to_host(x) for x in (out, taken, self._state.done, self._state.reason))
         self._index += int(taken)  # fewer than `steps` when every row ended
         for b, h in enumerate(self._rows):

@@ -11,6 +11,10 @@ Settings are split in two, like the gemma sampler:
 * `SamplerParams` holds traced per-row values (temperature, top-p, repetition penalty):
   changing them never recompiles. Neutral values (1.0, 1.0, 1.0) are exact no-ops.
 
+For batches whose rows come and go (engine.py), `RowSettings` makes whether to sample and
+top-k traced [batch] arrays too, and `sample_rows` gives each row the token `sample` gives
+it alone with the same settings.
+
 Ids at or above `vocab_limit` (the embedding has more rows than the tokenizer has
 pieces) get -inf before anything else, so they are never produced.
 """

@@ -129,7 +129,7 @@ def test_async_tokens_and_result(model):
     async def read(handle):
         return [t async for t in handle.atokens()]
 
-    with E.Engine(model, max_batch=2, max_len=256, steps_per_sync=8) as engine:
+    with E.Engine(model, max_batch=2, max_len=256, steps_per_sync=2) as engine:
         handle = engine.submit(req)
         assert asyncio.run(read(handle)) == solo(model, req) == handle.result(timeout=60)
 
@@ -159,6 +159,22 @@ def test_cancel_frees_the_slot_and_others_are_unaffected(model):
         assert b.finish_reason == "length"
 
 
+def test_long_prompt_prefill_is_interleaved_with_running_streams(model):
+    """A 150-token prompt in chunks of 32 (bucket 256, chunks from slot 96: 5 of them) lets the
+    running stream decode a block of steps between its chunks, and both stay exact."""
+    running = E.EngineRequest(prompt_ids=prompt(10, 1), max_new_tokens=90, stop_ids=(EOS,))
+    long = E.EngineRequest(prompt_ids=prompt(150, 2), max_new_tokens=5, stop_ids=(EOS,))
+    with E.Engine(model, max_batch=2, max_len=256, prefill_chunk=32, steps_per_sync=2) as engine:
+        a = engine.submit(running)
+        next(a.tokens(timeout=60))
+        before = len(a.ids)
+        b = engine.submit(long)
+        next(b.tokens(timeout=60))
+        assert len(a.ids) - before >= 4 * 2  # a block of 2 steps after each of the first 4 chunks
+        assert b.result(timeout=60) == solo(model, long)
+        assert a.result(timeout=60) == solo(model, running)
+
+
 def test_stop_ends_with_reason_stop(model):
     with E.Engine(model, max_batch=1, max_len=256) as engine:
         h = engine.submit(E.EngineRequest(prompt_ids=prompt(8, 3), max_new_tokens=200))
@@ -182,10 +198,10 @@ def test_queue_full_raises(model):
 
 
 def test_context_overflow_names_both_numbers(model):
-    with E.Engine(model, max_batch=1, max_len=128) as engine:
-        with pytest.raises(planning.ContextOverflowError, match=r"100 tokens.*max_new_tokens is 29.*128"):
-            engine.submit(E.EngineRequest(prompt_ids=prompt(100, 0), max_new_tokens=29))
-        engine.submit(E.EngineRequest(prompt_ids=prompt(100, 0), max_new_tokens=28)).result(timeout=60)
+    with E.Engine(model, max_batch=1, max_len=256) as engine:
+        with pytest.raises(planning.ContextOverflowError, match=r"200 tokens.*max_new_tokens is 57.*256"):
+            engine.submit(E.EngineRequest(prompt_ids=prompt(200, 0), max_new_tokens=57))
+        assert len(engine.submit(E.EngineRequest(prompt_ids=prompt(200, 0), max_new_tokens=56)).result(timeout=60)) == 56
 
 
 @pytest.mark.parametrize("bad", [dict(prompt_ids=()), dict(max_new_tokens=0), dict(temperature=-1),
@@ -203,10 +219,10 @@ def test_no_recompiles_after_warm_up(model):
                 for n, m, t, k, p in [(5, 7, 0.0, 0, 1.0), (20, 3, 0.7, 3, 0.9), (40, 9, 1.1, 0, 0.8)]]
 
     with E.Engine(model, max_batch=2, max_len=256, steps_per_sync=4) as engine:
-        run_concurrently(engine, batch(0))
+        engine.warm_up([5, 20, 40])
         warm = engine.stats().compiles
-        assert warm > 0
-        reqs = batch(1) + batch(2)
+        assert warm > 0 and engine.stats().finished == {} and engine.stats().tokens_generated == 0
+        reqs = batch(0) + batch(1) + batch(2)
         results = run_concurrently(engine, reqs)
         assert engine.stats().compiles == warm
     assert [ids for ids, _ in results] == [solo(model, r) for r in reqs]
