@@ -36,6 +36,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 PROMPT_LENGTHS = (12, 40, 90, 200)
 MAX_TOKENS = (24, 32, 40, 48)
 START_TIMEOUT_S = 900
+MAX_LEN = 512  # KV cache positions per slot: the longest prompt plus max_tokens fit
 
 
 def write_checkpoint(directory: str, shape: str) -> str:
@@ -54,6 +55,7 @@ def start_server(model_dir: str, port: int, max_batch: int, log, cache_dir: str 
     env = dict(os.environ, **({"XDG_CACHE_HOME": cache_dir} if cache_dir else {}))
     proc = subprocess.Popen([sys.executable, "-m", "bluelm_jax", "serve", "--model", model_dir, "--port", str(port),
                              "--max-batch", str(max_batch), "--max-queue", "256", "--served-model-name", "bench",
+                             "--max-len", str(MAX_LEN),
                              *cache], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:

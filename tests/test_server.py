@@ -321,7 +321,8 @@ def test_a_client_that_leaves_before_a_whole_answer_frees_its_slot(random_server
 
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):
-    server = ServerProcess(["--max-batch", "4", "--no-compile-cache"], tmp_path_factory.mktemp("log") / "default.log")
+    server = ServerProcess(["--max-batch", "4", "--max-len", "512", "--no-compile-cache"],
+                           tmp_path_factory.mktemp("log") / "default.log")
     yield server
     server.stop()
 
@@ -340,6 +341,14 @@ def test_default_model_chat_streamed_and_not(default_server, default):
     expected = generate(default, messages, chat=True, max_new_tokens=24, repetition_penalty=1.1)
     assert whole.choices[0].message.content == streamed == expected.texts[0] != ""
     assert whole.choices[0].finish_reason == "stop" and whole.usage.completion_tokens == len(expected.ids[0])
+
+
+def test_max_len_bounds_a_request(default_server):
+    client = default_server.client(key="unused")
+    assert client.models.list().data[0].max_model_len == 512
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="bluelm-default", prompt="Hello", max_tokens=600)
+    assert "512" in e.value.body["message"] and "600" in e.value.body["message"]
 
 
 CONCURRENT_PROMPTS = ["Hello", "The weather is sunny and warm in the morning.", "1 2 3 4 5",

@@ -67,7 +67,8 @@ class Server:
         self.engine, self.model, self.name, self.api_key = engine, model, served_model_name, api_key
         self.tokenizer = model.tokenizer
         self.metrics = Metrics(engine)
-        self.context = model.config.context_length  # the engine refuses more (400) if its max_len is smaller
+        # prompt + new tokens of one request: the engine's max_len when it is smaller than the context
+        self.context = min(model.config.context_length, getattr(engine, "context", model.config.context_length))
 
     # -------------------------------------------------------------- requests to the engine
 

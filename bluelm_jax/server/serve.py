@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser, positive_int) -> None:
                    help="decode slots: requests generated at once (default 8)")
     p.add_argument("--max-queue", type=positive_int, default=64, metavar="N",
                    help="requests that may wait for a slot; more get HTTP 429 (default 64)")
+    p.add_argument("--max-len", type=positive_int, default=None, metavar="N",
+                   help="KV cache positions per slot, i.e. the most prompt + max_tokens of a request "
+                        "(default: the model's context; less saves memory: the cache holds max-batch x N)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on the /v1 routes (default: no key)")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
@@ -110,7 +113,8 @@ def _serve(args, load, name: str, sock: socket.socket) -> None:
     from bluelm_jax.server.app import create_app
 
     model, mesh = load(args)
-    with sharding.use(mesh), Engine(model, max_batch=args.max_batch, max_queue=args.max_queue) as engine:
+    with sharding.use(mesh), Engine(model, max_batch=args.max_batch, max_queue=args.max_queue,
+                                                  max_len=args.max_len) as engine:
         app = create_app(engine, model, name, args.api_key)
         host, port = sock.getsockname()[:2]
         print(f"serving {name!r} on http://{host}:{port}/v1 (max batch {args.max_batch}, "
