@@ -1,15 +1,17 @@
 """Serving throughput and latency: `python -m bluelm_jax serve` under 1, 4 and 16 concurrent clients.
 
-    python bench/serve.py [--shape medium] [--requests 16] [--clients 1 4 16] [--max-batch 16] [--startup]
+    python bench/serve.py [--shape medium] [--requests 16] [--clients 4 16] [--max-batch 16] [--startup]
 
 A random-weight checkpoint of the shape (default medium: hidden 1024, 16 layers, vocabulary
 100096, float32 on CPU) and the test tokenizer are written to a temporary directory, and the
 server runs in a subprocess. The same set of requests (token-id prompts of mixed lengths,
-mixed max_tokens, greedy) is sent by 1, 4 and 16 client threads with the `openai` client,
-streamed. The 1-client row sends them one at a time, as the release's demo serves them.
+mixed max_tokens, greedy) is sent by 4 and 16 client threads with the `openai` client,
+streamed, to a server with --max-batch 16; and one at a time to a server with --max-batch 1,
+as the release's demo serves them (the baseline of the "x alone" column).
 Per row: aggregate output tokens/s (all completion tokens / wall time of the round), time to
 first token (request sent -> first chunk) and time per output token ((last chunk - first
-chunk) / (tokens - 1)) at p50 and p99. A warm-up round first compiles every prompt bucket.
+chunk) / (tokens - 1)) at p50 and p99. A warm-up round (one request per prompt length) first
+compiles every prompt bucket.
 `--startup` instead times a cold start against a warm one: from launching the server to the
 answer of a first request (which compiles the engine's programs), with an empty JAX
 persistent compilation cache, then again with the cache that run filled.
@@ -125,15 +127,36 @@ def startup_seconds(model_dir: str, port: int, max_batch: int, log, cache_dir: s
         proc.wait(30)
 
 
-def main(argv=None) -> None:
+def served_rounds(model_dir: str, port: int, max_batch: int, client_counts: list[int], requests: list[dict],
+                  log) -> list[dict]:
+    """A server with `max_batch` slots: a warm-up round (every bucket compiled), then one round per client count."""
     import openai
 
+    proc = start_server(model_dir, port, max_batch, log)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=3600)
+        t0 = time.perf_counter()
+        run_round(client, requests[:len(PROMPT_LENGTHS)], min(max_batch, len(PROMPT_LENGTHS)))
+        print(f"max batch {max_batch}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+        return [dict(run_round(client, requests, clients), max_batch=max_batch) for clients in client_counts]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def print_row(label: str, r: dict, base: float) -> None:
+    print(f"{label:<22} | {r['tokens']:>6} {r['wall']:>7.1f} {r['tok_s']:>7.2f} {r['tok_s'] / base:>9.2f}x | "
+          f"{r['ttft50']:>7.2f}s {r['ttft99']:>6.2f}s | {r['tpot50'] * 1e3:>6.0f}ms {r['tpot99'] * 1e3:>6.0f}ms",
+          flush=True)
+
+
+def main(argv=None) -> None:
     from bench.decode import SHAPES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=list(SHAPES), default="medium")
     parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--clients", type=int, nargs="+", default=[4, 16], help="besides the one-at-a-time row")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--startup", action="store_true", help="time a cold start against a warm one")
@@ -149,32 +172,17 @@ def main(argv=None) -> None:
                 print(f"shape {args.shape}: launch to first answer {cold:.1f} s cold (empty compilation cache), "
                       f"{warm:.1f} s warm")
                 return
-            t0 = time.perf_counter()
-            proc = start_server(model_dir, args.port, args.max_batch, log)
+            requests = requests_of(args.requests, vocab=600)  # ids the test tokenizer can decode
             print(f"shape {args.shape} ({SHAPES[args.shape].num_parameters() / 1e6:.0f}M parameters), float32 on "
-                  f"{os.cpu_count()} CPUs; max batch {args.max_batch}; server up in {time.perf_counter() - t0:.1f} s",
-                  flush=True)
-            try:
-                client = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="none", max_retries=0,
-                                       timeout=3600)
-                requests = requests_of(args.requests, vocab=600)  # ids the test tokenizer can decode
-                t0 = time.perf_counter()
-                run_round(client, requests, max(args.clients))  # warm-up: compiles every bucket
-                print(f"warm-up round {time.perf_counter() - t0:.1f} s; {len(requests)} requests, prompts "
-                      f"{'/'.join(map(str, PROMPT_LENGTHS))} tokens, max_tokens {'/'.join(map(str, MAX_TOKENS))}")
-                print(f"{'clients':>7} | {'tokens':>6} {'wall s':>7} {'tok/s':>7} {'x 1 client':>10} | "
-                      f"{'TTFT p50':>8} {'p99':>7} | {'TPOT p50':>8} {'p99':>7}", flush=True)
-                base = None
-                for clients in args.clients:
-                    r = run_round(client, requests, clients)
-                    base = r["tok_s"] if clients == 1 else base
-                    ratio = f"{r['tok_s'] / base:>9.2f}x" if base else f"{'':>10}"
-                    print(f"{clients:>7} | {r['tokens']:>6} {r['wall']:>7.1f} {r['tok_s']:>7.1f} {ratio} | "
-                          f"{r['ttft50']:>7.3f}s {r['ttft99']:>6.3f}s | {r['tpot50'] * 1e3:>6.1f}ms "
-                          f"{r['tpot99'] * 1e3:>5.1f}ms", flush=True)
-            finally:
-                proc.terminate()
-                proc.wait(30)
+                  f"{os.cpu_count()} CPUs; {len(requests)} requests, prompts {'/'.join(map(str, PROMPT_LENGTHS))} "
+                  f"tokens, max_tokens {'/'.join(map(str, MAX_TOKENS))}, greedy", flush=True)
+            alone = served_rounds(model_dir, args.port, 1, [1], requests, log)[0]  # as the release's demo serves
+            rows = served_rounds(model_dir, args.port, args.max_batch, args.clients, requests, log)
+            print(f"{'':<22} | {'tokens':>6} {'wall s':>7} {'tok/s':>7} {'x alone':>10} | "
+                  f"{'TTFT p50':>8} {'p99':>7} | {'TPOT p50':>8} {'p99':>7}")
+            print_row("one at a time, batch 1", alone, alone["tok_s"])
+            for r in rows:
+                print_row(f"{r['clients']} clients, batch {r['max_batch']}", r, alone["tok_s"])
 
 
 if __name__ == "__main__":
