@@ -125,6 +125,17 @@ def random_model(random_checkpoint):
     return bluelm_jax.load(random_checkpoint)
 
 
+def test_a_port_in_use_is_one_error_line():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        p = subprocess.run([sys.executable, "-m", "bluelm_jax", "serve", "--port", str(port), "--no-compile-cache"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr == f"python -m bluelm_jax serve: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
 # ------------------------------------------------------------------ random weights, API key
 
 

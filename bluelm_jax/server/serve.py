@@ -87,7 +87,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     sock.listen(128)
     return sock
 
