@@ -112,7 +112,7 @@ def random_checkpoint(hf_checkpoint):
 @pytest.fixture(scope="module")
 def random_server(random_checkpoint, tmp_path_factory):
     cache = tmp_path_factory.mktemp("xdg-cache")
-    server = ServerProcess(["--model", random_checkpoint, "--max-batch", "4", "--max-queue", "8", "--api-key", KEY,
+    server = ServerProcess(["--model", random_checkpoint, "--max-batch", "4", "--max-queue", "16", "--api-key", KEY,
                             "--served-model-name", RANDOM_NAME], tmp_path_factory.mktemp("log") / "random.log",
                            env={"XDG_CACHE_HOME": str(cache)})
     server.cache = cache
@@ -276,14 +276,14 @@ def test_a_full_queue_gets_429_and_closed_streams_free_their_slots(random_server
     client = random_server.client()
     streams, refused = [], None
     try:
-        for _ in range(40):  # 4 slots and 8 places: the queue fills however fast the slots turn over
+        for _ in range(60):  # 16 places: the queue fills however fast the 4 slots turn over
             try:
                 streams.append(long_stream(client))
             except openai.RateLimitError as e:
                 refused = e
                 break
         assert refused is not None and refused.status_code == 429 and refused.body["code"] == "queue_full"
-        assert "8 requests are already waiting" in refused.body["message"] and len(streams) >= 12
+        assert "16 requests are already waiting" in refused.body["message"] and len(streams) >= 16
         assert next(iter(streams[0])).choices[0].text is not None  # the server streams on
     finally:
         for s in streams:
