@@ -184,14 +184,14 @@ def test_a_stop_string_ends_the_text_before_it(random_server):
     kwargs = dict(model=RANDOM_NAME, prompt="The quick brown fox", max_tokens=30, temperature=0)
     full = client.completions.create(**kwargs).choices[0].text
     stop = next(full[i:i + 2] for i in range(8, len(full) - 2) if full[i:i + 2].strip() == full[i:i + 2])
-    stopped = random_server.metrics().get('bluelm_requests_finished_total{reason="stop"}', 0)
+    stopped = finished(random_server.metrics(), "stop")
     whole = client.completions.create(stop=[stop], **kwargs)
     streamed = list(client.completions.create(stop=[stop], stream=True, **kwargs))
     assert whole.choices[0].text == "".join(c.choices[0].text for c in streamed) == full[:full.index(stop)]
     assert whole.choices[0].finish_reason == streamed[-1].choices[0].finish_reason == "stop"
     assert whole.usage.completion_tokens < 30
-    m = wait_for(random_server, idle)  # the engine was told: both requests ended as "stop", not at 30 tokens
-    assert m['bluelm_requests_finished_total{reason="stop"}'] - stopped == 2
+    m = idle_after(random_server, "stop", stopped, 2)  # the engine was told: both ended as "stop", not at 30 tokens
+    assert finished(m, "stop") - stopped == 2
 
 
 def log_softmax(model, ids):
@@ -266,6 +266,16 @@ def idle(m) -> bool:
     return m["bluelm_active_slots"] == 0 and m["bluelm_queue_depth"] == 0
 
 
+def finished(m, reason: str) -> float:
+    return m.get(f'bluelm_requests_finished_total{{reason="{reason}"}}', 0)
+
+
+def idle_after(server, reason: str, before: float, count: int) -> dict:
+    """The metrics once the server is idle and `count` more requests finished for `reason` (a slot is
+    freed a moment before its request is counted)."""
+    return wait_for(server, lambda m: idle(m) and finished(m, reason) - before >= count)
+
+
 def long_stream(client):
     """A streamed completion that runs to the context's end (the random model never says </s>)."""
     return client.completions.create(model=RANDOM_NAME, prompt="Tell me a story", max_tokens=2000, temperature=0.8,
@@ -295,7 +305,7 @@ def test_a_full_queue_gets_429_and_closed_streams_free_their_slots(random_server
 
 def test_ten_clients_that_leave_mid_stream_free_their_slots(random_server):
     client = random_server.client()
-    before = random_server.metrics().get('bluelm_requests_finished_total{reason="cancelled"}', 0)
+    before = finished(random_server.metrics(), "cancelled")
 
     def leave_after_three_chunks(_):
         stream = long_stream(client)
@@ -305,9 +315,8 @@ def test_ten_clients_that_leave_mid_stream_free_their_slots(random_server):
 
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         assert list(pool.map(leave_after_three_chunks, range(10))) == [3] * 10
-    m = wait_for(random_server, idle)
-    assert idle(m)
-    assert m['bluelm_requests_finished_total{reason="cancelled"}'] - before == 10
+    m = idle_after(random_server, "cancelled", before, 10)
+    assert idle(m) and finished(m, "cancelled") - before == 10
     after = client.completions.create(model=RANDOM_NAME, prompt="still there?", max_tokens=3, temperature=0)
     assert after.choices[0].finish_reason == "length" and after.usage.completion_tokens == 3
     m = random_server.metrics()
@@ -315,7 +324,7 @@ def test_ten_clients_that_leave_mid_stream_free_their_slots(random_server):
 
 
 def test_a_client_that_leaves_before_a_whole_answer_frees_its_slot(random_server):
-    before = random_server.metrics().get('bluelm_requests_finished_total{reason="cancelled"}', 0)
+    before = finished(random_server.metrics(), "cancelled")
     body = json.dumps({"prompt": "Tell me a story", "max_tokens": 2000}).encode()
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
@@ -323,8 +332,8 @@ def test_a_client_that_leaves_before_a_whole_answer_frees_its_slot(random_server
         sock.sendall(head + body)
         m = wait_for(random_server, lambda m: m["bluelm_active_slots"] == 1)
         assert m["bluelm_active_slots"] == 1
-    m = wait_for(random_server, idle)
-    assert idle(m) and m['bluelm_requests_finished_total{reason="cancelled"}'] - before == 1
+    m = idle_after(random_server, "cancelled", before, 1)
+    assert idle(m) and finished(m, "cancelled") - before == 1
 
 
 # ------------------------------------------------------------------ the default model
