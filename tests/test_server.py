@@ -184,7 +184,7 @@ def test_a_stop_string_ends_the_text_before_it(random_server):
     kwargs = dict(model=RANDOM_NAME, prompt="The quick brown fox", max_tokens=30, temperature=0)
     full = client.completions.create(**kwargs).choices[0].text
     stop = next(full[i:i + 2] for i in range(8, len(full) - 2) if full[i:i + 2].strip() == full[i:i + 2])
-    stopped = finished(random_server.metrics(), "stop")
+    stopped = finished(settled(random_server), "stop")
     whole = client.completions.create(stop=[stop], **kwargs)
     streamed = list(client.completions.create(stop=[stop], stream=True, **kwargs))
     assert whole.choices[0].text == "".join(c.choices[0].text for c in streamed) == full[:full.index(stop)]
@@ -270,6 +270,19 @@ def finished(m, reason: str) -> float:
     return m.get(f'bluelm_requests_finished_total{{reason="{reason}"}}', 0)
 
 
+def settled(server) -> dict:
+    """The metrics once the server is idle and its finished counts stay put (a slot is freed a
+    moment before its request is counted)."""
+    last = None
+    while True:
+        m = wait_for(server, idle)
+        counts = {k: v for k, v in m.items() if k.startswith("bluelm_requests_finished_total")}
+        if counts == last:
+            return m
+        last = counts
+        time.sleep(0.2)
+
+
 def idle_after(server, reason: str, before: float, count: int) -> dict:
     """The metrics once the server is idle and `count` more requests finished for `reason` (a slot is
     freed a moment before its request is counted)."""
@@ -305,7 +318,7 @@ def test_a_full_queue_gets_429_and_closed_streams_free_their_slots(random_server
 
 def test_ten_clients_that_leave_mid_stream_free_their_slots(random_server):
     client = random_server.client()
-    before = finished(random_server.metrics(), "cancelled")
+    before = finished(settled(random_server), "cancelled")
 
     def leave_after_three_chunks(_):
         stream = long_stream(client)
@@ -324,7 +337,7 @@ def test_ten_clients_that_leave_mid_stream_free_their_slots(random_server):
 
 
 def test_a_client_that_leaves_before_a_whole_answer_frees_its_slot(random_server):
-    before = finished(random_server.metrics(), "cancelled")
+    before = finished(settled(random_server), "cancelled")
     body = json.dumps({"prompt": "Tell me a story", "max_tokens": 2000}).encode()
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
