@@ -4,6 +4,7 @@ generate: one prompt in, the continuation streamed to stdout (or, with --json, o
 object with the text, the ids and the finish reason).
 chat: an interactive conversation read from stdin, with history, streamed answers, and
 the commands `clear` (forget the history) and `quit` (or `exit`, or end of input).
+serve: an OpenAI-compatible HTTP server (bluelm_jax/server/).
 
 Bad input gives one line on stderr and a non-zero exit status. jax is imported only once
 the arguments are valid, so mistakes are reported at once.
@@ -116,7 +117,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, max_new: int, temperature:
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description="BlueLM in JAX: generate text, chat, fine-tune.")
+    parser = _Parser(prog=prog, description="BlueLM in JAX: generate text, chat, serve, fine-tune.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
@@ -144,6 +145,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     c.add_argument("--system", metavar="TEXT", help="a system message put before the conversation")
     _add_sampling_args(c, max_new=512, temperature=0.8, top_p=0.8, penalty=1.1)
     c.set_defaults(run=run_chat)
+
+    from bluelm_jax.server import serve  # no jax import
+
+    s = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, ...)",
+                            description="Serve the model over HTTP with the OpenAI API, many requests at once.")
+    _add_model_args(s)
+    serve.add_arguments(s, _positive_int)
+    s.set_defaults(run=lambda args: serve.run(args, _load))
     for name, (_, help_text) in OTHER_COMMANDS.items():  # listed in --help; dispatched by main()
         commands.add_parser(name, help=help_text, add_help=False)
     return parser

@@ -11,6 +11,10 @@ Settings are split in two, like the gemma sampler:
 * `SamplerParams` holds traced per-row values (temperature, top-p, repetition penalty):
   changing them never recompiles. Neutral values (1.0, 1.0, 1.0) are exact no-ops.
 
+For batches whose rows come and go (engine.py), `RowSettings` makes whether to sample and
+top-k traced [batch] arrays too, and `sample_rows` gives each row the token `sample` gives
+it alone with the same settings.
+
 Ids at or above `vocab_limit` (the embedding has more rows than the tokenizer has
 pieces) get -inf before anything else, so they are never produced.
 """
@@ -175,6 +179,17 @@ def process_logits(logits: jax.Array, seen: jax.Array, params: SamplerParams,
     return apply_top_p(logits, params.top_p, candidates)
 
 
+def draw(logits: jax.Array, keys: jax.Array, steps: jax.Array) -> jax.Array:
+    """One sample per row from processed logits [batch, vocab]; keys: [batch, 2] per-row base
+    keys, each folded with its row's step (steps: [batch] or one scalar for every row), so
+    every step draws fresh numbers and a row's draw depends only on its key and step.
+    Returns [batch] int32."""
+    steps = jnp.broadcast_to(jnp.asarray(steps, jnp.int32), keys.shape[:1])
+    step_keys = jax.vmap(jax.random.fold_in)(keys, steps)  # [batch, 2]
+    categorical = jax.vmap(lambda k, row: jax.random.categorical(k, row))
+    return categorical(step_keys, logits).astype(jnp.int32)
+
+
 def sample(logits: jax.Array, seen: jax.Array, params: SamplerParams, keys: jax.Array,
            step: jax.Array, settings: SamplerSettings) -> jax.Array:
     """The next token of each row. logits: [batch, vocab]; keys: [batch, 2] per-row base
@@ -182,6 +197,57 @@ def sample(logits: jax.Array, seen: jax.Array, params: SamplerParams, keys: jax.
     logits = process_logits(logits, seen, params, settings)
     if not settings.do_sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)  # [batch, 2]
-    draw = jax.vmap(lambda k, row: jax.random.categorical(k, row))
-    return draw(step_keys, logits).astype(jnp.int32)
+    return draw(logits, keys, step)
+
+
+# ------------------------------------------------------------------ per-row settings
+
+
+class RowSettings(NamedTuple):
+    """Traced per-row settings, for batches whose rows come and go (the serving engine):
+    what `SamplerSettings` makes static (whether to sample, top-k) is a [batch] array here,
+    so rows with any settings share one compiled step."""
+
+    params: SamplerParams  # [batch] temperature (1 for greedy rows), top_p, repetition_penalty
+    do_sample: jax.Array  # [batch] bool: False = greedy
+    top_k: jax.Array  # [batch] int32: 0 = off
+
+
+def apply_top_k_rows(logits: jax.Array, top_k: jax.Array, candidates: jax.Array) -> jax.Array:
+    """`apply_top_k` with a traced k per row. top_k: [batch] int32 (0 or >= vocab: off);
+    candidates: the full descending sort of `logits` [batch, vocab]. The k-th largest value
+    is the same number `lax.top_k` gives, so the result equals `apply_top_k` for that k."""
+    vocab = logits.shape[-1]
+    off = (top_k <= 0) | (top_k >= vocab)  # [batch]
+    kth = jnp.take_along_axis(candidates, jnp.clip(top_k - 1, 0, vocab - 1)[:, None], axis=-1)  # [batch, 1]
+    kth = jnp.where(off[:, None], NEG_INF, kth)
+    return jnp.where(logits < kth, NEG_INF, logits)
+
+
+def top_k_candidates(candidates: jax.Array, top_k: jax.Array) -> jax.Array:
+    """The descending candidates [batch, vocab] cut to each row's first top_k [batch] (0: all):
+    the rest become -inf, which `apply_top_p` then removes as tokens of probability 0, as the
+    static path's k-long candidate list leaves them out."""
+    rank = jnp.arange(candidates.shape[-1])[None, :]  # [1, vocab]
+    keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
+    return jnp.where(keep, candidates, NEG_INF)
+
+
+def sample_rows(logits: jax.Array, seen: jax.Array, rows: RowSettings, keys: jax.Array, steps: jax.Array,
+                vocab_limit: Optional[int]) -> jax.Array:
+    """`sample` with per-row traced settings: each row's token equals what `sample` gives for
+    that row alone with its settings as `SamplerSettings`. logits: [batch, vocab]; steps:
+    [batch] int32 (each row's own step). The warpers (one full sort) run only when some row
+    samples. Returns [batch] int32."""
+    greedy = SamplerSettings(do_sample=False, vocab_limit=vocab_limit)
+    penalized = process_logits(logits, seen, rows.params, greedy)  # [batch, vocab] float32
+    argmax = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
+
+    def sampled(_):
+        warped = apply_temperature(penalized, rows.params.temperature)
+        candidates = _sorted_descending(warped, 0)
+        warped = apply_top_k_rows(warped, rows.top_k, candidates)
+        warped = apply_top_p(warped, rows.params.top_p, top_k_candidates(candidates, rows.top_k))
+        return jnp.where(rows.do_sample, draw(warped, keys, steps), argmax)
+
+    return jax.lax.cond(jnp.any(rows.do_sample), sampled, lambda _: argmax, None)
