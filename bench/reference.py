@@ -1,4 +1,5 @@
-"""The PyTorch reference of BlueLM, and random-weight checkpoints in Hugging Face layout (in memory).
+"""The PyTorch reference of BlueLM, and random-weight checkpoints in Hugging Face layout (in memory
+or written to a directory: `write_hf_checkpoint`).
 
 The reference is the transformers library's LLaMA (code we did not write) plus BlueLM's
 embedding LayerNorm, hooked onto the embedding module so that it also applies to
@@ -10,7 +11,10 @@ torch and transformers are never run-time dependencies of bluelm_jax.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 
 import numpy as np
 
@@ -107,3 +111,46 @@ def assert_reference_rope_intact(model) -> None:
         rotary = model.model.rotary_emb
         assert rotary.inv_freq.dtype == torch.float32
         assert torch.equal(rotary.inv_freq, expected), "the reference's ntkmixed inv_freq was overwritten"
+
+
+def write_hf_checkpoint(directory: str, config: BlueLMConfig, tokenizer_model: str | None, seed: int = 0,
+                        num_shards: int = 2, fmt: str = "safetensors", dtype: str = "float32") -> str:
+    """Writes config.json, the weights (sharded with an index when num_shards > 1) and tokenizer.model.
+
+    fmt: "safetensors" or "bin" (PyTorch pickles); dtype: "float32" or "bfloat16".
+    """
+    import torch
+
+    os.makedirs(directory, exist_ok=True)
+    hf_config = config.to_hf_dict()
+    hf_config["torch_dtype"] = dtype
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    if tokenizer_model is not None:
+        shutil.copy(tokenizer_model, os.path.join(directory, "tokenizer.model"))
+
+    weights = random_hf_weights(config, seed)
+    names = list(weights)
+    per_shard = math.ceil(len(names) / num_shards)
+    groups = [names[i:i + per_shard] for i in range(0, len(names), per_shard)]
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+        pattern, single, index_name = "model-{:05d}-of-{:05d}.safetensors", "model.safetensors", "model.safetensors.index.json"
+    elif fmt == "bin":
+        pattern, single, index_name = "pytorch_model-{:05d}-of-{:05d}.bin", "pytorch_model.bin", "pytorch_model.bin.index.json"
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+    weight_map = {}
+    for i, group in enumerate(groups):
+        filename = single if len(groups) == 1 else pattern.format(i + 1, len(groups))
+        tensors = {n: torch.from_numpy(weights[n]).to(getattr(torch, dtype)) for n in group}
+        path = os.path.join(directory, filename)
+        if fmt == "safetensors":
+            save_file(tensors, path, metadata={"format": "pt"})
+        else:
+            torch.save(tensors, path)
+        weight_map.update({n: filename for n in group})
+    if len(groups) > 1:
+        with open(os.path.join(directory, index_name), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+    return directory

@@ -42,12 +42,12 @@ MAX_LEN = 512  # KV cache positions per slot: the longest prompt plus max_tokens
 
 
 def write_checkpoint(directory: str, shape: str) -> str:
-    """A random-weight Hugging Face directory of the shape, with the test tokenizer."""
+    """A random-weight float32 Hugging Face directory of the shape, with the bundled default
+    model's tokenizer (bluelm_jax/default_model)."""
     from bench.decode import SHAPES
-    from tests.hf_reference import write_hf_checkpoint
-    from tests.spm import train_tokenizer
+    from bench.reference import write_hf_checkpoint
 
-    tokenizer = train_tokenizer(os.path.join(directory, "tokenizer.model"))
+    tokenizer = os.path.join(ROOT, "bluelm_jax", "default_model", "tokenizer.model")
     return write_hf_checkpoint(os.path.join(directory, "model"), SHAPES[shape], tokenizer, num_shards=1)
 
 

@@ -75,7 +75,8 @@ class BlueLM:
 
     def __repr__(self) -> str:
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
-        return (f"BlueLM({self.path!r}, {n:,} parameters, params {self.param_dtype.name} ({self.layout} layout), "
+        layout = " (weight layout: projections [out, in])" if self.layout == P.WEIGHT else ""
+        return (f"BlueLM({self.path!r}, {n:,} parameters, params {self.param_dtype.name}{layout}, "
                 f"compute {jnp.dtype(self.compute_dtype).name})")
 
 

@@ -67,7 +67,7 @@ def test_bfloat16_on_cpu_loads_in_the_weight_layout(dirs):
     Orbax dir and from a Hugging Face dir alike: the kernel layout's values transposed, the same logits."""
     hf, out = dirs
     a, b = bluelm_jax.load(out, dtype="bfloat16"), bluelm_jax.load(hf, dtype="bfloat16")
-    assert a.layout == b.layout == "weight" and "(weight layout)" in repr(a)
+    assert a.layout == b.layout == "weight" and "(weight layout: projections [out, in])" in repr(a)
     assert_trees_equal(a.params, b.params)
     up = a.module.model.layers[0].mlp.up_proj
     assert isinstance(up, TorchLinear) and up.weight.shape == (CONFIG.intermediate_size, CONFIG.hidden_size)
