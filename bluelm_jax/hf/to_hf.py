@@ -55,15 +55,15 @@ def parse_size(text: str) -> int:
 
 def hf_arrays(params: dict, config: BlueLMConfig, dtype: str) -> Iterator[tuple[HFTensor, np.ndarray]]:
     """(tensor, array in PyTorch layout and `dtype`) for every tensor of the checkpoint, one at a time."""
+    from bluelm_jax.checkpoint import host_transpose  # imported with jax, once the arguments are read
+
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     for t in hf_tensors(config):
         leaf = get_path(params, t.path)
         a = np.asarray(leaf)
         if a.dtype != np_dtype:
             a = a.astype(np_dtype)
-        if t.transpose:
-            a = a.T
-        a = np.ascontiguousarray(a)
+        a = host_transpose(a) if t.transpose else np.ascontiguousarray(a)
         if a.shape != t.hf_shape:
             raise ExportError(f"parameter {path_name(t.path)} gives {t.hf_name} shape {a.shape}, expected {t.hf_shape}")
         yield t, a

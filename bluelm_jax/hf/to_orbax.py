@@ -102,16 +102,10 @@ def leaf_specs(config: BlueLMConfig, dtype: str, layout: str = KERNEL) -> dict[P
     return specs
 
 
-def _transpose(a: np.ndarray) -> np.ndarray:
-    """Contiguous transpose of a 2-D array (through a native integer view for bfloat16)."""
-    native = {2: np.uint16, 4: np.uint32, 8: np.uint64}[a.itemsize]
-    return np.ascontiguousarray(a.view(native).T).view(a.dtype)
-
-
 def _to_layout(src: np.ndarray, transpose: bool, dtype: np.dtype) -> np.ndarray:
     """Cast to `dtype`, then transpose when the HF tensor is [out, in]."""
     a = src if src.dtype == dtype else src.astype(dtype)
-    return _transpose(a) if transpose else np.ascontiguousarray(a)
+    return checkpoint.host_transpose(a) if transpose else np.ascontiguousarray(a)
 
 
 def _row_blocks(src: np.ndarray, spec: checkpoint.LeafSpec, transpose: bool) -> Iterator[tuple[tuple, np.ndarray]]:
