@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     decode_ms = 1000 * (time.perf_counter() - t0) / max(args.decode_steps - 1, 1)
 
     kind, peak = peak_memory_bytes()
-    cache_bytes = 2 * cache.k.size * cache.k.dtype.itemsize
+    cache_bytes = sum(x.nbytes for x in cache.k + cache.v)
     dense_here = args.heads * n * n * 4  # one layer's [heads, T, T] float32 scores, batch 1
     dense_7b = 32 * n * n * 4
     print(f"prefill: {prefill_s:.1f} s ({n / prefill_s:,.0f} tokens/s), compile {compile_s:.1f} s")

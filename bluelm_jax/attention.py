@@ -1,6 +1,8 @@
 """Attention over a query block and a key/value window, with grouped KV heads.
 
-Every implementation here computes the same thing: the query at row t sits at cache slot
+Keys and values are [batch, kv_heads, slots, head_dim] (heads before slots: the layout of
+the KV cache, in which a decode step's products read each head's keys as one contiguous
+block). Every implementation here computes the same thing: the query at row t sits at cache slot
 `q_offset + t` and sees the keys at slots s with `start[b] <= s <= q_offset + t`
 (causal, with row b's left padding before `start[b]` invisible). Scores and softmax are
 float32.
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Union
+from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -52,16 +54,16 @@ def attention_mask(query_slots: jax.Array, num_slots: int, start: jax.Array) -> 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Softmax attention with grouped KV heads; scores and softmax in float32.
 
-    q: [batch, seq, heads, head_dim]; k, v: [batch, slots, kv_heads, head_dim];
+    q: [batch, seq, heads, head_dim]; k, v: [batch, kv_heads, slots, head_dim];
     mask: [batch, seq, slots] bool. Returns [batch, seq, heads, head_dim].
     """
     b, t, h, d = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)  # [batch, seq, kv_heads, group, head_dim]
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [batch, kv_heads, group, seq, slots]
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
 
 
@@ -73,14 +75,12 @@ def _cdiv(a, b):
 
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset, start: jax.Array,
-                      block_q: int = BLOCK_Q, block_k: int = BLOCK_K, layer: Optional[jax.Array] = None) -> jax.Array:
+                      block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> jax.Array:
     """Causal attention by online softmax over key blocks; the same result as the dense one.
 
-    q: [batch, seq, heads, head_dim]; k, v: [batch, slots, kv_heads, head_dim];
+    q: [batch, seq, heads, head_dim]; k, v: [batch, kv_heads, slots, head_dim];
     q_offset: slot of the first query (a Python int, or a traced int32 scalar such as a
     cache index); start: [batch] int32 first visible slot of each row.
-    With `layer` (a traced index), k and v are a whole cache [layers, batch, slots, kv_heads,
-    head_dim] and only layer `layer`'s blocks are read (no copy of the layer's cache).
     Returns [batch, seq, heads, head_dim] in q's dtype. Rows whose queries see no key at
     all (left padding) come out as zeros.
 
@@ -91,7 +91,7 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset
     q_offset (a cache) it is a `while_loop` whose trip count is the filled part of the cache.
     """
     b, t, h, d = q.shape
-    slots, kv_heads = k.shape[-3], k.shape[-2]
+    kv_heads, slots = k.shape[1], k.shape[2]
     g = h // kv_heads
     bq, bk = min(block_q, t), min(block_k, slots)
     nq, nk = _cdiv(t, bq), _cdiv(slots, bk)
@@ -112,19 +112,19 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset
             m, l, acc = carry  # [batch, kv_heads, group, bq] x2, [batch, kv_heads, group, bq, head_dim]
             lo = kb * bk
             at = jnp.minimum(lo, slots - bk)  # the last block is shifted back to stay in bounds ...
-            kblk, vblk = _key_block(k, at, bk, layer, qb.dtype), _key_block(v, at, bk, layer, qb.dtype)
+            kblk, vblk = _key_block(k, at, bk, qb.dtype), _key_block(v, at, bk, qb.dtype)
             k_slots = at + jnp.arange(bk, dtype=jnp.int32)  # [bk]
             visible = ((k_slots[None, None, :] <= q_slots[None, :, None])
                        & (k_slots[None, None, :] >= start[:, None, None])
                        & (k_slots >= lo)[None, None, :])  # ... and slots before `lo` masked: [batch, bq, bk]
             visible = visible[:, None, None]  # [batch, 1, 1, bq, bk]
-            s = jnp.einsum("bqkgd,bskd->bkgqs", qb, kblk, preferred_element_type=jnp.float32) * scale
+            s = jnp.einsum("bqkgd,bksd->bkgqs", qb, kblk, preferred_element_type=jnp.float32) * scale
             s = jnp.where(visible, s, _NEG)  # [batch, kv_heads, group, bq, bk]
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
             correction = jnp.exp(m - m_new)
             l = l * correction + jnp.sum(p, axis=-1)
-            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), vblk, preferred_element_type=jnp.float32)
+            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), vblk, preferred_element_type=jnp.float32)
             return m_new, l, acc * correction[..., None] + pv
 
         m = jnp.full((b, kv_heads, g, bq), _NEG, jnp.float32)
@@ -147,14 +147,9 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset
     return out[:, :t]
 
 
-def _key_block(x: jax.Array, at: jax.Array, size: int, layer: Optional[jax.Array], dtype) -> jax.Array:
-    """Slots [at, at + size) of x [batch, slots, kv_heads, head_dim] (or of layer `layer` of
-    x [layers, batch, slots, kv_heads, head_dim]), as [batch, size, kv_heads, head_dim] in dtype."""
-    if layer is None:
-        return jax.lax.dynamic_slice_in_dim(x, at, size, axis=1).astype(dtype)
-    zero = jnp.zeros((), jnp.int32)
-    block = jax.lax.dynamic_slice(x, (layer, zero, at, zero, zero), (1, x.shape[1], size) + x.shape[3:])
-    return block[0].astype(dtype)
+def _key_block(x: jax.Array, at: jax.Array, size: int, dtype) -> jax.Array:
+    """Slots [at, at + size) of x [batch, kv_heads, slots, head_dim], in dtype."""
+    return jax.lax.dynamic_slice_in_dim(x, at, size, axis=2).astype(dtype)
 
 
 # --------------------------------------------------------------------------- platform kernels
@@ -170,12 +165,13 @@ def _left_to_right_padding(x: jax.Array, shift: jax.Array) -> jax.Array:
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array) -> jax.Array:
     """Fresh causal prefill (query t at slot t, keys = the same tokens) with cuDNN flash attention.
 
-    q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; start [batch].
+    q: [batch, seq, heads, head_dim]; k, v: [batch, kv_heads, seq, head_dim]; start [batch].
     cuDNN masks right padding only, so each row is rolled left by start[b], attended with
     sequence lengths seq - start[b], and rolled back. Needs bfloat16/float16 inputs.
     """
     t = q.shape[1]
     lengths = (t - start).astype(jnp.int32)
+    k, v = (x.swapaxes(1, 2) for x in (k, v))  # [batch, seq, kv_heads, head_dim], as cuDNN takes them
     q, k, v = (_left_to_right_padding(x, start) for x in (q, k, v))
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
                                        key_value_seq_lengths=lengths, implementation="cudnn")
@@ -192,10 +188,10 @@ def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Ar
     from jax.experimental.pallas.ops.tpu import flash_attention as fa
 
     b, t, h, d = q.shape
-    group = h // k.shape[2]
-    k, v = (jnp.repeat(x, group, axis=2) for x in (k, v))
+    group = h // k.shape[1]
+    k, v = (jnp.repeat(x, group, axis=1) for x in (k, v))  # [batch, heads, seq, head_dim]
     segment = (jnp.arange(t, dtype=jnp.int32)[None, :] >= start[:, None]).astype(jnp.int32)  # [batch, seq]
-    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [batch, heads, seq, head_dim]
+    q = q.transpose(0, 2, 1, 3)  # [batch, heads, seq, head_dim]
     blocks = min(512, t)
     sizes = fa.BlockSizes(block_q=blocks, block_k_major=blocks, block_k=blocks, block_b=1)
     out = fa.flash_attention(q, k, v, segment_ids=fa.SegmentIds(segment, segment), causal=True,
@@ -222,14 +218,12 @@ def platform_kernel(backend: str, dtype, seq: int, head_dim: int):
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset, start: jax.Array,
-              implementation: str = "auto", layer: Optional[jax.Array] = None) -> jax.Array:
+              implementation: str = "auto") -> jax.Array:
     """Causal attention of queries at slots q_offset + t over keys at slots start[b] .. q_offset + t.
 
-    q: [batch, seq, heads, head_dim]; k, v: [batch, slots, kv_heads, head_dim] (slots = seq
+    q: [batch, seq, heads, head_dim]; k, v: [batch, kv_heads, slots, head_dim] (slots = seq
     without a cache, the cache length with one); q_offset: 0 (Python int) without a cache,
-    the traced cache index with one; start: [batch] int32. With `layer`, k and v are the
-    whole cache [layers, batch, slots, kv_heads, head_dim] and layer `layer` is used.
-
+    the traced cache index with one; start: [batch] int32.
     implementation "auto": dense scores when seq * slots <= CHUNKED_THRESHOLD (and, with a
     cache, slots <= DENSE_MAX_CACHE_SLOTS: a long cache is read only up to its filled part); otherwise,
     for a prefill, the platform kernel (cuDNN / Pallas TPU) on a fresh sequence (q_offset
@@ -238,7 +232,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset, start:
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r} (known: {', '.join(IMPLEMENTATIONS)})")
-    seq, slots = q.shape[1], k.shape[-3]
+    seq, slots = q.shape[1], k.shape[2]
     with_cache = not isinstance(q_offset, int)
     if implementation == "auto":
         long_cache = with_cache and slots > DENSE_MAX_CACHE_SLOTS
@@ -249,21 +243,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset, start:
             implementation = "cudnn" if kernel is cudnn_attention else "pallas"
         else:
             implementation = "chunked"
-    chunked = functools.partial(chunked_attention, q, k, v, q_offset, start, layer=layer)
+    chunked = functools.partial(chunked_attention, q, k, v, q_offset, start)
     if implementation == "chunked":
         return chunked()
     if implementation == "dense":
-        if layer is not None:
-            k, v = k[layer].astype(q.dtype), v[layer].astype(q.dtype)  # [batch, slots, kv_heads, head_dim]
         mask = attention_mask(q_offset + jnp.arange(seq, dtype=jnp.int32), slots, start)  # [batch, seq, slots]
-        return dot_product_attention(q, k, v, mask)
+        return dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
 
     # a platform kernel: it runs a fresh causal prefill (q_offset == 0) over the new tokens' keys
     kernel = cudnn_attention if implementation == "cudnn" else pallas_tpu_attention
-    if layer is None:
-        k_new, v_new = k[:, :seq], v[:, :seq]  # [batch, seq, kv_heads, head_dim]
-    else:
-        k_new, v_new = k[layer, :, :seq].astype(q.dtype), v[layer, :, :seq].astype(q.dtype)
+    k_new, v_new = k[:, :, :seq].astype(q.dtype), v[:, :, :seq].astype(q.dtype)  # [batch, kv_heads, seq, head_dim]
     if not with_cache:
         return kernel(q, k_new, v_new, start) if q_offset == 0 else chunked()
     return jax.lax.cond(q_offset == 0, lambda: kernel(q, k_new, v_new, start), chunked)

@@ -1,7 +1,7 @@
 """A continuous-batching decode engine: many requests share one compiled decode step.
 
-The engine owns `max_batch` rows (slots) over one preallocated KV cache
-[layers, max_batch, slots, kv_heads, head_dim] and a background thread that runs the
+The engine owns `max_batch` rows (slots) over one preallocated KV cache (per layer
+[max_batch, kv_heads, slots, head_dim]) and a background thread that runs the
 device loop. Callers `submit` an `EngineRequest` (token ids and sampling settings) and get
 a `Handle` that streams the generated ids (sync or async) and can be cancelled.
 
@@ -315,12 +315,16 @@ def _admit(state: EngineState, row: jax.Array, part: KVCache, logits: jax.Array,
     (token, done, reason) [3] int32."""
     TRACE_COUNTS["engine.admit"] += 1
     c = static.config
-    bucket, slots = part.k.shape[2], state.cache.k.shape[2]
+    bucket, slots = part.max_len, state.cache.max_len
     width = min(bucket, slots)  # the block's tail that holds the prompt (bucket may exceed the cache)
     index = state.cache.index
-    at = (0, row, index - width, 0, 0)
-    k = jax.lax.dynamic_update_slice(state.cache.k, part.k[:, :, bucket - width:].astype(state.cache.k.dtype), at)
-    v = jax.lax.dynamic_update_slice(state.cache.v, part.v[:, :, bucket - width:].astype(state.cache.v.dtype), at)
+    at = (row, 0, index - width, 0)
+
+    def put_block(layers, parts):  # per layer [batch, kv_heads, slots, head_dim] <- [1, kv_heads, bucket, head_dim]
+        return tuple(jax.lax.dynamic_update_slice(x, p[:, :, bucket - width:].astype(x.dtype), at)
+                     for x, p in zip(layers, parts))
+
+    k, v = put_block(state.cache.k, part.k), put_block(state.cache.v, part.v)
     start = state.cache.start.at[row].set(index - length)
     valid = jnp.arange(bucket)[None, :] >= bucket - length  # [1, bucket]
     seen = sampling.seen_mask(tokens, valid, c.vocab_size)  # [1, vocab]
@@ -345,25 +349,20 @@ def _admit(state: EngineState, row: jax.Array, part: KVCache, logits: jax.Array,
     return state, jnp.stack([first, (is_stop | at_limit).astype(jnp.int32), reason])
 
 
-def _shift(state: EngineState, delta: jax.Array, free: jax.Array) -> EngineState:
-    """Moves every row's cache `delta` slots (right when positive) and the write index with it;
-    the free rows [batch] bool get start = the new index (they see nothing)."""
-    TRACE_COUNTS["engine.shift"] += 1
-    cache = state.cache
-    index = cache.index + delta
-    start = jnp.where(free, index, cache.start + delta)
-    k, v = (_roll_slots(x, delta) for x in (cache.k, cache.v))
-    return state._replace(cache=KVCache(k, v, index, start))
-
-
 def _roll_slots(x: jax.Array, delta: jax.Array) -> jax.Array:
-    """x [layers, batch, slots, ...] rolled `delta` slots along axis 2, one layer at a time
-    (in place in a donated buffer: the extra memory is one layer, not a second cache)."""
-    def one_layer(layer, x):
-        rolled = jnp.roll(jax.lax.dynamic_index_in_dim(x, layer, axis=0), delta, axis=2)
-        return jax.lax.dynamic_update_index_in_dim(x, rolled, layer, axis=0)
+    """One layer's keys or values [batch, kv_heads, slots, head_dim] rolled `delta` slots (right when
+    positive). Called once per buffer, donated: the extra memory of a shift is one layer (one call
+    over the whole cache allocated a second cache)."""
+    TRACE_COUNTS["engine.roll_slots"] += 1
+    return jnp.roll(x, delta, axis=2)
 
-    return jax.lax.fori_loop(0, x.shape[0], one_layer, x)
+
+def _shifted_starts(index: jax.Array, start: jax.Array, delta: jax.Array, free: jax.Array) -> tuple:
+    """The write index and the rows' starts [batch] after a shift by `delta`; free rows [batch]
+    bool get start = the new index (they see nothing)."""
+    TRACE_COUNTS["engine.shift"] += 1
+    index = index + delta
+    return index, jnp.where(free, index, start + delta)
 
 
 def _decode_block(params, state: EngineState, steps: jax.Array, release: jax.Array, static: Static,
@@ -396,7 +395,8 @@ init_state = jax.jit(_init_state, static_argnames=("static", "batch", "slots", "
 fresh_cache = jax.jit(_fresh_cache, static_argnames=("static", "bucket"))
 prefill_part = jax.jit(_prefill_part, static_argnames=("static",), donate_argnames=("cache",))
 admit = jax.jit(_admit, static_argnames=("static",), donate_argnames=("state",))
-shift = jax.jit(_shift, donate_argnames=("state",))
+roll_slots = jax.jit(_roll_slots, donate_argnums=(0,))
+shifted_starts = jax.jit(_shifted_starts)
 decode_block = jax.jit(_decode_block, static_argnames=("static", "width"), donate_argnames=("state",))
 
 
@@ -655,7 +655,9 @@ class Engine:
 
     def _shift(self, delta: int) -> None:
         free = np.asarray([h is None for h in self._rows])
-        self._state = shift(self._state, np.int32(delta), free)
+        cache, by = self._state.cache, np.int32(delta)
+        k, v = (tuple(roll_slots(x, by) for x in layers) for layers in (cache.k, cache.v))
+        self._state = self._state._replace(cache=KVCache(k, v, *shifted_starts(cache.index, cache.start, by, free)))
         self._index += delta
         self._start += delta
         self.shifts += 1

@@ -31,9 +31,12 @@ the README, "How it is built"). Each layer, its attention and its MLP run under
 the module inside (`forward`, a thin wrapper: `nnx.merge(graphdef(config, dtype, layout), params)`,
 the layout read from the names in `params`).
 
-The KV cache stays outside the modules: a pytree passed in and returned, preallocated
-`[layers, batch, max_len, kv_heads, head_dim]` and written in place with
-`dynamic_update_slice`. Rows of a batch share one write index: prompts of different lengths
+The KV cache stays outside the modules: a pytree passed in and returned, one preallocated
+buffer per layer for keys and one for values, `[batch, kv_heads, max_len, head_dim]`, written
+in place with `dynamic_update_slice`. One buffer per layer, not one stacked array: a layer of
+a stacked cache is a slice that XLA's CPU backend copies before every product (a decode step
+then copied the whole cache); heads before slots, so that a decode step's products read
+each head's keys as one block with no transpose (`python -m bench.decode_attention`). Rows of a batch share one write index: prompts of different lengths
 are left-padded, and `start[b]` is the first real slot of row b.
 """
 
@@ -58,22 +61,24 @@ INIT_STD = 0.02  # normal init of fresh weights (norms start at one, biases at z
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
-    v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    k: tuple  # one [batch, kv_heads, max_len, head_dim] array per layer
+    v: tuple  # one [batch, kv_heads, max_len, head_dim] array per layer
     index: jax.Array  # [] int32: slots filled so far (the same for every row)
     start: jax.Array  # [batch] int32: first valid slot of each row
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[2]
 
 
 def init_cache(config: BlueLMConfig, batch: int, max_len: int, dtype=jnp.float32,
                start: Optional[jax.Array] = None) -> KVCache:
     """An empty cache of `max_len` slots; `start` [batch] marks each row's left padding."""
-    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
     start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32), start)
+    layers = range(config.num_hidden_layers)
+    return KVCache(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   jnp.zeros((), jnp.int32), start)
 
 
 # --------------------------------------------------------------------------- numerics
@@ -291,7 +296,7 @@ class Attention(nnx.Module):
         self.config = config
 
     def __call__(self, h: jax.Array, ctx: Context, kv: Optional[tuple], layer: int) -> tuple[jax.Array, Optional[tuple]]:
-        """h: [batch, seq, hidden] -> ([batch, seq, hidden], kv). kv: (k, v) caches of all layers, or None."""
+        """h: [batch, seq, hidden] -> ([batch, seq, hidden], kv). kv: this layer's (k, v) cache, or None."""
         c = self.config
         batch, seq, _ = h.shape
         project = functools.partial(_project, h=h, layer=layer, adapters=ctx.adapters)
@@ -299,14 +304,14 @@ class Attention(nnx.Module):
         k = project(self.k_proj, "k_proj").reshape(batch, seq, c.num_key_value_heads, c.head_dim)
         v = project(self.v_proj, "v_proj").reshape(batch, seq, c.num_key_value_heads, c.head_dim)
         q, k = apply_rope(q, ctx.sin, ctx.cos), apply_rope(k, ctx.sin, ctx.cos)
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [batch, kv_heads, seq, head_dim]
         if kv is not None:
-            k_cache, v_cache = kv  # [layers, batch, max_len, kv_heads, head_dim]
-            at = (layer, 0, ctx.index, 0, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
-            kv = (k_cache, v_cache)
-            k, v = k_cache, v_cache  # all layers: attention reads only this layer's filled blocks
-        a = attention(q, k, v, ctx.q_offset, ctx.start, ctx.attention_impl, None if kv is None else layer)
+            k_cache, v_cache = kv  # [batch, kv_heads, max_len, head_dim]
+            at = (0, 0, ctx.index, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
+            kv = k, v = k_cache, v_cache
+        a = attention(q, k, v, ctx.q_offset, ctx.start, ctx.attention_impl)
         a = a.reshape(batch, seq, c.num_attention_heads * c.head_dim)
         return _project(self.o_proj, "o_proj", a, layer, ctx.adapters), kv
 
@@ -387,15 +392,19 @@ class BlueLMModel(nnx.Module):
         if cache is None:
             index = jnp.zeros((), jnp.int32)
             start = jnp.zeros((batch,), jnp.int32) if start is None else start
-            kv, q_offset = None, 0
+            q_offset = 0
         else:
-            index, start = cache.index, cache.start
-            kv, q_offset = (constrain(cache.k, "kv_cache"), constrain(cache.v, "kv_cache")), index
+            index, start, q_offset = cache.index, cache.start, cache.index
         ctx = Context(sin, cos, index, start, q_offset, attention_impl, adapters)
+        new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (constrain(cache.k[i], "kv_cache"), constrain(cache.v[i], "kv_cache"))
             with jax.named_scope(f"layer_{i}"):
                 x, kv = _run_layer(layer, x, ctx, kv, i, remat)
-        new_cache = None if cache is None else KVCache(kv[0], kv[1], index + seq, start)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), index + seq, start)
         return self.norm(x), new_cache
 
 

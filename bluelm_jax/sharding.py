@@ -285,7 +285,7 @@ def batch_spec(mesh, batch: int, *rest: Optional[str]) -> P:
 ACTIVATIONS: dict[str, tuple[Optional[str], ...]] = {
     "hidden": ("batch", None, None),  # [batch, seq, hidden]
     "logits": ("batch", None, "vocab"),  # [batch, seq, vocab]
-    "kv_cache": (None, "batch", None, "kv_heads", None),  # [layers, batch, max_len, kv_heads, head_dim]
+    "kv_cache": ("batch", "kv_heads", None, None),  # one layer's [batch, kv_heads, max_len, head_dim]
 }
 _ACTIVATION_RULES = {"batch": BATCH, "vocab": TENSOR, "kv_heads": TENSOR, "heads": TENSOR}
 

@@ -24,13 +24,13 @@ def random_params(config, seed=0, std=0.08):
 
 
 def rotated_qkv(config, batch, seq, slots, first_position):
-    """q [batch, seq, heads, head_dim] and k, v [batch, slots, kv_heads, head_dim], rotated at far positions."""
+    """q [batch, seq, heads, head_dim] and k, v [batch, kv_heads, slots, head_dim], rotated at far positions."""
     h, kvh, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q = RNG.standard_normal((batch, seq, h, d), np.float32)
     k = RNG.standard_normal((batch, slots, kvh, d), np.float32)
     v = RNG.standard_normal((batch, slots, kvh, d), np.float32)
     q, k = _rotate(q, k, first_position, config)
-    return q, jnp.asarray(k), jnp.asarray(v)
+    return q, k.swapaxes(1, 2), jnp.asarray(v).swapaxes(1, 2)
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
@@ -87,11 +87,11 @@ def test_decode_reads_only_the_filled_blocks():
     filled = 150
     q, k0, v0 = rotated_qkv(config, 1, 1, 4096, first_position=0)
     start = jnp.zeros((1,), jnp.int32)
-    dense = dense_attention(q, k0[:, :filled + 1], v0[:, :filled + 1], filled, start)
+    dense = dense_attention(q, k0[:, :, :filled + 1], v0[:, :, :filled + 1], filled, start)
     for block, run in [(64, lambda q, k, v, off: A.chunked_attention(q, k, v, off, start, 64, 64)),
                        (A.BLOCK_K, lambda q, k, v, off: A.attention(q, k, v, off, start))]:  # as the model calls it
         end = -(-(filled + 1) // block) * block  # first block boundary past the query's slot
-        k, v = k0.at[:, end:].set(jnp.nan), v0.at[:, end:].set(jnp.nan)
+        k, v = k0.at[:, :, end:].set(jnp.nan), v0.at[:, :, end:].set(jnp.nan)
         out = jax.jit(run)(q, k, v, jnp.int32(filled))
         np.testing.assert_allclose(np.asarray(out), np.asarray(dense), atol=1e-5)
 
@@ -110,8 +110,9 @@ def test_chunked_is_differentiable():
                      argnums=(0, 1, 2))(q, k, v)
     dense = jax.grad(lambda *a: loss(lambda q, k, v: dense_attention(q, k, v, 0, start), *a),
                      argnums=(0, 1, 2))(q, k, v)
-    for g, h in zip(grads, dense):
-        np.testing.assert_allclose(np.asarray(g)[:, valid], np.asarray(h)[:, valid], atol=1e-5)
+    for g, h in zip(grads, dense):  # q [batch, seq, ...]; k, v [batch, kv_heads, seq, ...]
+        at = (slice(None), valid) if g.shape == q.shape else (slice(None), slice(None), valid)
+        np.testing.assert_allclose(np.asarray(g)[at], np.asarray(h)[at], atol=1e-5)
 
 
 def test_cudnn_path_padding_logic(monkeypatch):

@@ -101,6 +101,23 @@ def test_cached_steps_equal_one_forward(name):
     np.testing.assert_allclose(np.concatenate(pieces, 1), np.asarray(full), atol=1e-5)
 
 
+def test_a_decode_step_copies_no_layer_of_the_cache():
+    """The cache is one buffer per layer that attention reads in place: the compiled decode step's
+    temporaries stay far below one layer's keys (a stacked [layers, ...] cache was sliced per
+    layer, and XLA's CPU backend copied each slice: temporaries of two layers' keys here)."""
+    from bluelm_jax.decode import decode_logits
+
+    config = preset("tiny")
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), param_shapes(config),
+                          is_leaf=lambda s: isinstance(s, tuple))
+    batch, slots = 4, 512
+    cache = jax.eval_shape(lambda: init_cache(config, batch, slots))
+    step = jax.jit(lambda p, token, cache: decode_logits(p, token, cache, config), donate_argnums=(2,))
+    compiled = step.lower(params, jax.ShapeDtypeStruct((batch,), jnp.int32), cache).compile()
+    assert [x.shape for x in cache.k] == [(batch, config.num_key_value_heads, slots, config.head_dim)] * 2
+    assert compiled.memory_analysis().temp_size_in_bytes < cache.k[0].size * 4 / 8
+
+
 def test_left_padding_is_invisible():
     config = preset("tiny")
     params = random_params(config, seed=1)

@@ -120,10 +120,10 @@ def test_partition_spec_of_every_parameter():
     layer_1 = (*LAYERS, 1, "self_attn")
     assert sharding.param_spec((*layer_1, "k_proj", "kernel"), CONFIG, mesh) == P(None, None)
     assert sharding.param_spec((*layer_1, "q_proj", "kernel"), CONFIG, mesh) == P(None, "tensor")
-    cache_shape = (CONFIG.num_hidden_layers, 8, 64, CONFIG.num_key_value_heads, CONFIG.head_dim)
-    assert sharding.activation_spec("kv_cache", cache_shape, mesh) == P(None, None, None, None, None)
-    assert (sharding.activation_spec("kv_cache", (2, 8, 64, 32, 128), sharding.make_mesh("data=2,tensor=4"))
-            == P(None, "data", None, "tensor", None))
+    cache_shape = (8, CONFIG.num_key_value_heads, 64, CONFIG.head_dim)  # one layer's
+    assert sharding.activation_spec("kv_cache", cache_shape, mesh) == P(None, None, None, None)
+    assert (sharding.activation_spec("kv_cache", (8, 32, 64, 128), sharding.make_mesh("data=2,tensor=4"))
+            == P("data", "tensor", None, None))
     with pytest.raises(KeyError, match="no sharding rule"):
         sharding.param_spec((*layer_1, "qkv", "kernel"), config, mesh)
 
@@ -171,9 +171,10 @@ def test_sharded_generation_equals_single_device(mesh_spec, host_params, referen
     plan = make_plan(model, prompts(CONFIG), GenerationSettings(max_new_tokens=NEW_TOKENS))
     with sharding.use(mesh):
         cache = prefill(model, plan).cache
-    spec = sharding.activation_spec("kv_cache", cache.k.shape, mesh)
-    assert cache.k.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec), cache.k.ndim)
-    assert {s.data.shape for s in cache.k.addressable_shards} == {expected_shard_shape(cache.k.shape, spec, mesh)}
+    for layer in cache.k + cache.v:
+        spec = sharding.activation_spec("kv_cache", layer.shape, mesh)
+        assert layer.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec), layer.ndim)
+        assert {s.data.shape for s in layer.addressable_shards} == {expected_shard_shape(layer.shape, spec, mesh)}
 
 
 def test_checkpoint_saved_on_one_mesh_restores_onto_another(tmp_path, host_params, reference):
