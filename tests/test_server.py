@@ -1,9 +1,12 @@
 """`python -m bluelm_jax serve` in a subprocess, driven by the real `openai` client (and raw HTTP
 for the malformed requests): a random-weight checkpoint with an API key, and the default model.
-Tool calls on fixed model outputs go through the same app in this process, over a scripted engine.
+Tool calls on fixed model outputs go through the same app in this process, over a scripted engine,
+and /health over a real engine whose device loop fails.
 """
 
 import concurrent.futures
+import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -473,6 +476,8 @@ class ScriptedHandle:
 class ScriptedEngine:
     """Answers every request with the ids of `answer` (the model output under test)."""
 
+    failure = None  # it never fails
+
     def __init__(self, model, answer):
         self.model, self.answer = model, answer
 
@@ -486,24 +491,32 @@ class ScriptedEngine:
                            compiles=0)
 
 
-@pytest.fixture(scope="module")
-def scripted_server(default):
-    """An in-process uvicorn over the app with a ScriptedEngine; set .engine.answer per test."""
+@contextlib.contextmanager
+def app_in_thread(engine, model, name):
+    """The app over `engine` served by uvicorn in a thread of this process; yields its base URL."""
     import uvicorn
 
     from bluelm_jax.server.app import create_app
 
-    engine = ScriptedEngine(default, "")
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, default, "scripted"), port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, model, name), port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-    yield engine, client
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def scripted_server(default):
+    """An in-process uvicorn over the app with a ScriptedEngine; set .engine.answer per test."""
+    engine = ScriptedEngine(default, "")
+    with app_in_thread(engine, default, "scripted") as url:
+        yield engine, openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
 
 
 CALL = '{"answer": "", "function_calls": [{"name": "get_weather", "parameters": {"city": "北京"}}]}'
@@ -543,3 +556,37 @@ def test_text_that_is_not_a_call_stays_content(scripted_server, stream):
         content, finish = choice.message.content, choice.finish_reason
         assert choice.message.tool_calls is None
     assert content == "{not json, just braces" and finish == "stop"
+
+
+# ------------------------------------------------------------------ /health over a real engine
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_health_is_503_once_the_engine_failed_or_closed(default):
+    """A real engine over a model whose lm_head does not fit its config: the first request makes
+    the device loop's prefill raise; /health then names that failure."""
+    from bluelm_jax.engine import Engine
+
+    kernel = default.params["lm_head"]["kernel"]  # [hidden, vocab]
+    broken = dataclasses.replace(default, params={**default.params, "lm_head": {"kernel": kernel[:-1]}})
+    engine = Engine(broken, max_batch=1, max_len=64)
+    try:
+        with app_in_thread(engine, broken, "broken") as url:
+            status, text = http("GET", url + "/health")
+            assert status == 200 and json.loads(text)["status"] == "ok"
+            status, _ = http("POST", url + "/v1/completions", {"model": "broken", "prompt": "Hello", "max_tokens": 2})
+            assert status == 500
+            status, text = http("GET", url + "/health")
+            error = json.loads(text)["error"]
+            assert status == 503 and error["type"] == "server_error" and error["code"] == "engine_unavailable"
+            assert error["message"].startswith("the engine failed: TypeError: ") and "dot_general" in error["message"]
+    finally:
+        engine.close()
+    assert engine.failure.startswith("the engine failed: TypeError")
+
+    healthy = Engine(default, max_batch=1, max_len=64)
+    with app_in_thread(healthy, default, "closed") as url:
+        assert http("GET", url + "/health")[0] == 200
+        healthy.close()
+        status, text = http("GET", url + "/health")
+    assert status == 503 and json.loads(text)["error"]["message"] == "the engine is closed"
