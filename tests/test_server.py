@@ -24,6 +24,7 @@ import pytest
 
 import bluelm_jax
 from bluelm_jax import default_model
+from bluelm_jax.default_model import corpus
 from bluelm_jax.generate import generate
 from bluelm_jax.server import tools
 
@@ -420,29 +421,40 @@ def test_32_concurrent_clients_get_their_solo_results(default_server, default):
     assert idle(m) and m["bluelm_engine_compiles_total"] == compiles
 
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather of a city",
-                                             "parameters": {"type": "object",
-                                                            "properties": {"city": {"type": "string"}}}}}
+WEATHER = corpus.TOOLS[0]  # get_weather(city), one of the tools the default model was trained with
 
 
-def test_a_tool_result_goes_back_as_the_function_turn(default_server, default):
-    messages = [{"role": "user", "content": "Weather in Paris?"},
-                {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": "call_1", "type": "function",
-                     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-                {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 20C"}]
+def chat_reply(client, stream: bool, **kwargs) -> tuple:
+    """(content or None, tool calls as message dicts, finish reason) of one chat request, streamed or not."""
+    if not stream:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        calls = [c.model_dump(include={"id", "type", "function"}) for c in choice.message.tool_calls or []]
+        return choice.message.content, calls, choice.finish_reason
+    chunks = [c for c in client.chat.completions.create(stream=True, **kwargs) if c.choices]
+    content = "".join(c.choices[0].delta.content or "" for c in chunks) or None
+    calls = [{"id": t.id, "type": t.type, "function": {"name": t.function.name, "arguments": t.function.arguments}}
+             for c in chunks for t in c.choices[0].delta.tool_calls or []]
+    return content, calls, chunks[-1].choices[0].finish_reason
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_default_model_calls_a_tool_and_answers_with_its_result(default_server, default, stream):
+    """A trained question with tools=corpus.TOOLS gets the tool call; the call and its result sent
+    back get the trained answer. Greedy, with chat's default repetition penalty 1.1."""
+    question, name, arguments, result, answer = corpus.TOOL_CALLS[0]
     client = default_server.client(key="unused")
-    whole = client.chat.completions.create(model="bluelm-default", messages=messages, tools=[WEATHER],
-                                           temperature=0, max_tokens=40)
-    prompt = ("[|SYSTEM|]:" + tools.tools_system_text([WEATHER["function"]]) + "[|Human|]:Weather in Paris?[|AI|]:"
-              '{"answer": null, "function_calls": [{"name": "get_weather", "parameters": {"city": "Paris"}}]}</s>'
-              "[|Function|]:sunny, 20C[|AI|]:")
-    assert whole.usage.prompt_tokens == len(default.tokenizer.encode(prompt))
-    streamed = list(client.chat.completions.create(model="bluelm-default", messages=messages, tools=[WEATHER],
-                                                   temperature=0, max_tokens=40, stream=True))
-    content = "".join(c.choices[0].delta.content or "" for c in streamed)
-    assert content == (whole.choices[0].message.content or "")
-    assert streamed[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    ask = dict(model="bluelm-default", tools=corpus.TOOLS, temperature=0, max_tokens=48)
+    messages = [{"role": "user", "content": question}]
+    content, calls, finish = chat_reply(client, stream, messages=messages, **ask)
+    assert (content, finish, len(calls)) == (None, "tool_calls", 1)
+    assert calls[0]["function"]["name"] == name and json.loads(calls[0]["function"]["arguments"]) == arguments
+    messages += [{"role": "assistant", "content": None, "tool_calls": calls},
+                 {"role": "tool", "tool_call_id": calls[0]["id"], "content": result}]
+    assert chat_reply(client, stream, messages=messages, **ask) == (answer, [], "stop")
+    if not stream:  # the prompt is the one the model was trained on, token for token
+        usage = client.chat.completions.create(messages=messages, **ask).usage
+        trained = tools.prompt_messages(corpus.tool_call_messages(*corpus.TOOL_CALLS[0]), corpus.TOOLS)[:4]
+        assert usage.prompt_tokens == len(default.tokenizer.encode_chat(trained))
 
 
 # ------------------------------------------------------------------ tool calls on fixed model outputs
@@ -527,18 +539,10 @@ def test_a_json_answer_becomes_tool_calls(scripted_server, stream):
     engine, client = scripted_server
     engine.answer = CALL
     kwargs = dict(model="scripted", messages=[{"role": "user", "content": "北京天气"}], tools=[WEATHER])
-    if stream:
-        chunks = list(client.chat.completions.create(stream=True, **kwargs))
-        calls = [call for c in chunks for call in (c.choices[0].delta.tool_calls or [])]
-        finish = chunks[-1].choices[0].finish_reason
-        assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""
-    else:
-        message = client.chat.completions.create(**kwargs).choices[0]
-        calls, finish = message.message.tool_calls, message.finish_reason
-        assert message.message.content is None
-    assert finish == "tool_calls" and len(calls) == 1
-    assert calls[0].function.name == "get_weather" and json.loads(calls[0].function.arguments) == {"city": "北京"}
-    assert re.fullmatch(r"call_[0-9a-f]{24}", calls[0].id)
+    content, calls, finish = chat_reply(client, stream, **kwargs)
+    assert (content, finish, len(calls)) == (None, "tool_calls", 1)
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "北京"}'}
+    assert re.fullmatch(r"call_[0-9a-f]{24}", calls[0]["id"])
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -546,16 +550,7 @@ def test_text_that_is_not_a_call_stays_content(scripted_server, stream):
     engine, client = scripted_server
     engine.answer = "{not json, just braces"
     kwargs = dict(model="scripted", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER])
-    if stream:
-        chunks = list(client.chat.completions.create(stream=True, **kwargs))
-        content = "".join(c.choices[0].delta.content or "" for c in chunks)
-        assert not any(c.choices[0].delta.tool_calls for c in chunks)
-        finish = chunks[-1].choices[0].finish_reason
-    else:
-        choice = client.chat.completions.create(**kwargs).choices[0]
-        content, finish = choice.message.content, choice.finish_reason
-        assert choice.message.tool_calls is None
-    assert content == "{not json, just braces" and finish == "stop"
+    assert chat_reply(client, stream, **kwargs) == ("{not json, just braces", [], "stop")
 
 
 # ------------------------------------------------------------------ /health over a real engine
