@@ -528,6 +528,14 @@ class Engine:
                                max_queue=self.max_queue, tokens_generated=self._tokens_generated,
                                finished=dict(self._finished), compiles=compile_count())
 
+    @property
+    def failure(self) -> Optional[str]:
+        """Why the engine takes no requests: its device loop's error, or that it is closed; None while it runs."""
+        with self._lock:
+            if self._failed is not None:
+                return f"the engine failed: {type(self._failed).__name__}: {self._failed}"
+            return "the engine is closed" if self._closing else None
+
     def close(self) -> None:
         """Stops the device loop; requests still running or waiting end as "cancelled"."""
         with self._lock:

@@ -9,6 +9,7 @@ import pytest
 
 from bluelm_jax import default_model
 from bluelm_jax.default_model import corpus
+from bluelm_jax.server import tools
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = [  # (prompt, answer, chat)
@@ -59,6 +60,25 @@ def test_loaded_from_orbax_answers_exactly(orbax_dir):
         result = generate(model, [q for q, _ in cases], max_new_tokens=64, chat=chat)
         assert [t.strip() for t in result.texts] == [a for _, a in cases]
         assert result.finish_reasons == ["stop"] * len(cases)
+
+
+def test_calls_a_tool_and_answers_with_its_result():
+    """Both halves of a tool round trip under greedy decoding, on the prompts `serve` builds for
+    tools=corpus.TOOLS: the question gives the JSON call, the call and its result give the answer."""
+    import bluelm_jax
+    from bluelm_jax.generate import generate
+
+    model = bluelm_jax.load(default_model.path())
+    cases = [corpus.TOOL_CALLS[0], corpus.TOOL_CALLS[6]]  # English weather, Chinese time
+    chats = [tools.prompt_messages(corpus.tool_call_messages(*case), corpus.TOOLS) for case in cases]
+    result = generate(model, [chat[:2] for chat in chats] + [chat[:4] for chat in chats], max_new_tokens=48,
+                      chat=True)
+    assert result.finish_reasons == ["stop"] * 4
+    for (question, name, arguments, _, answer), call, reply in zip(cases, result.texts[:2], result.texts[2:]):
+        content, calls = tools.parse_answer(call.strip())
+        assert content is None and len(calls) == 1, (question, call)
+        assert (calls[0]["function"]["name"], json.loads(calls[0]["function"]["arguments"])) == (name, arguments)
+        assert reply.strip() == answer
 
 
 def test_generate_command_answers_exactly(orbax_dir):

@@ -1,9 +1,12 @@
 """`python -m bluelm_jax serve` in a subprocess, driven by the real `openai` client (and raw HTTP
 for the malformed requests): a random-weight checkpoint with an API key, and the default model.
-Tool calls on fixed model outputs go through the same app in this process, over a scripted engine.
+Tool calls on fixed model outputs go through the same app in this process, over a scripted engine,
+and /health over a real engine whose device loop fails.
 """
 
 import concurrent.futures
+import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -21,6 +24,7 @@ import pytest
 
 import bluelm_jax
 from bluelm_jax import default_model
+from bluelm_jax.default_model import corpus
 from bluelm_jax.generate import generate
 from bluelm_jax.server import tools
 
@@ -417,29 +421,40 @@ def test_32_concurrent_clients_get_their_solo_results(default_server, default):
     assert idle(m) and m["bluelm_engine_compiles_total"] == compiles
 
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather of a city",
-                                             "parameters": {"type": "object",
-                                                            "properties": {"city": {"type": "string"}}}}}
+WEATHER = corpus.TOOLS[0]  # get_weather(city), one of the tools the default model was trained with
 
 
-def test_a_tool_result_goes_back_as_the_function_turn(default_server, default):
-    messages = [{"role": "user", "content": "Weather in Paris?"},
-                {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": "call_1", "type": "function",
-                     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-                {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 20C"}]
+def chat_reply(client, stream: bool, **kwargs) -> tuple:
+    """(content or None, tool calls as message dicts, finish reason) of one chat request, streamed or not."""
+    if not stream:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        calls = [c.model_dump(include={"id", "type", "function"}) for c in choice.message.tool_calls or []]
+        return choice.message.content, calls, choice.finish_reason
+    chunks = [c for c in client.chat.completions.create(stream=True, **kwargs) if c.choices]
+    content = "".join(c.choices[0].delta.content or "" for c in chunks) or None
+    calls = [{"id": t.id, "type": t.type, "function": {"name": t.function.name, "arguments": t.function.arguments}}
+             for c in chunks for t in c.choices[0].delta.tool_calls or []]
+    return content, calls, chunks[-1].choices[0].finish_reason
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_default_model_calls_a_tool_and_answers_with_its_result(default_server, default, stream):
+    """A trained question with tools=corpus.TOOLS gets the tool call; the call and its result sent
+    back get the trained answer. Greedy, with chat's default repetition penalty 1.1."""
+    question, name, arguments, result, answer = corpus.TOOL_CALLS[0]
     client = default_server.client(key="unused")
-    whole = client.chat.completions.create(model="bluelm-default", messages=messages, tools=[WEATHER],
-                                           temperature=0, max_tokens=40)
-    prompt = ("[|SYSTEM|]:" + tools.tools_system_text([WEATHER["function"]]) + "[|Human|]:Weather in Paris?[|AI|]:"
-              '{"answer": null, "function_calls": [{"name": "get_weather", "parameters": {"city": "Paris"}}]}</s>'
-              "[|Function|]:sunny, 20C[|AI|]:")
-    assert whole.usage.prompt_tokens == len(default.tokenizer.encode(prompt))
-    streamed = list(client.chat.completions.create(model="bluelm-default", messages=messages, tools=[WEATHER],
-                                                   temperature=0, max_tokens=40, stream=True))
-    content = "".join(c.choices[0].delta.content or "" for c in streamed)
-    assert content == (whole.choices[0].message.content or "")
-    assert streamed[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    ask = dict(model="bluelm-default", tools=corpus.TOOLS, temperature=0, max_tokens=48)
+    messages = [{"role": "user", "content": question}]
+    content, calls, finish = chat_reply(client, stream, messages=messages, **ask)
+    assert (content, finish, len(calls)) == (None, "tool_calls", 1)
+    assert calls[0]["function"]["name"] == name and json.loads(calls[0]["function"]["arguments"]) == arguments
+    messages += [{"role": "assistant", "content": None, "tool_calls": calls},
+                 {"role": "tool", "tool_call_id": calls[0]["id"], "content": result}]
+    assert chat_reply(client, stream, messages=messages, **ask) == (answer, [], "stop")
+    if not stream:  # the prompt is the one the model was trained on, token for token
+        usage = client.chat.completions.create(messages=messages, **ask).usage
+        trained = tools.prompt_messages(corpus.tool_call_messages(*corpus.TOOL_CALLS[0]), corpus.TOOLS)[:4]
+        assert usage.prompt_tokens == len(default.tokenizer.encode_chat(trained))
 
 
 # ------------------------------------------------------------------ tool calls on fixed model outputs
@@ -473,6 +488,8 @@ class ScriptedHandle:
 class ScriptedEngine:
     """Answers every request with the ids of `answer` (the model output under test)."""
 
+    failure = None  # it never fails
+
     def __init__(self, model, answer):
         self.model, self.answer = model, answer
 
@@ -486,24 +503,32 @@ class ScriptedEngine:
                            compiles=0)
 
 
-@pytest.fixture(scope="module")
-def scripted_server(default):
-    """An in-process uvicorn over the app with a ScriptedEngine; set .engine.answer per test."""
+@contextlib.contextmanager
+def app_in_thread(engine, model, name):
+    """The app over `engine` served by uvicorn in a thread of this process; yields its base URL."""
     import uvicorn
 
     from bluelm_jax.server.app import create_app
 
-    engine = ScriptedEngine(default, "")
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, default, "scripted"), port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, model, name), port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-    yield engine, client
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def scripted_server(default):
+    """An in-process uvicorn over the app with a ScriptedEngine; set .engine.answer per test."""
+    engine = ScriptedEngine(default, "")
+    with app_in_thread(engine, default, "scripted") as url:
+        yield engine, openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
 
 
 CALL = '{"answer": "", "function_calls": [{"name": "get_weather", "parameters": {"city": "北京"}}]}'
@@ -514,18 +539,10 @@ def test_a_json_answer_becomes_tool_calls(scripted_server, stream):
     engine, client = scripted_server
     engine.answer = CALL
     kwargs = dict(model="scripted", messages=[{"role": "user", "content": "北京天气"}], tools=[WEATHER])
-    if stream:
-        chunks = list(client.chat.completions.create(stream=True, **kwargs))
-        calls = [call for c in chunks for call in (c.choices[0].delta.tool_calls or [])]
-        finish = chunks[-1].choices[0].finish_reason
-        assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""
-    else:
-        message = client.chat.completions.create(**kwargs).choices[0]
-        calls, finish = message.message.tool_calls, message.finish_reason
-        assert message.message.content is None
-    assert finish == "tool_calls" and len(calls) == 1
-    assert calls[0].function.name == "get_weather" and json.loads(calls[0].function.arguments) == {"city": "北京"}
-    assert re.fullmatch(r"call_[0-9a-f]{24}", calls[0].id)
+    content, calls, finish = chat_reply(client, stream, **kwargs)
+    assert (content, finish, len(calls)) == (None, "tool_calls", 1)
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "北京"}'}
+    assert re.fullmatch(r"call_[0-9a-f]{24}", calls[0]["id"])
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -533,13 +550,38 @@ def test_text_that_is_not_a_call_stays_content(scripted_server, stream):
     engine, client = scripted_server
     engine.answer = "{not json, just braces"
     kwargs = dict(model="scripted", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER])
-    if stream:
-        chunks = list(client.chat.completions.create(stream=True, **kwargs))
-        content = "".join(c.choices[0].delta.content or "" for c in chunks)
-        assert not any(c.choices[0].delta.tool_calls for c in chunks)
-        finish = chunks[-1].choices[0].finish_reason
-    else:
-        choice = client.chat.completions.create(**kwargs).choices[0]
-        content, finish = choice.message.content, choice.finish_reason
-        assert choice.message.tool_calls is None
-    assert content == "{not json, just braces" and finish == "stop"
+    assert chat_reply(client, stream, **kwargs) == ("{not json, just braces", [], "stop")
+
+
+# ------------------------------------------------------------------ /health over a real engine
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_health_is_503_once_the_engine_failed_or_closed(default):
+    """A real engine over a model whose lm_head does not fit its config: the first request makes
+    the device loop's prefill raise; /health then names that failure."""
+    from bluelm_jax.engine import Engine
+
+    kernel = default.params["lm_head"]["kernel"]  # [hidden, vocab]
+    broken = dataclasses.replace(default, params={**default.params, "lm_head": {"kernel": kernel[:-1]}})
+    engine = Engine(broken, max_batch=1, max_len=64)
+    try:
+        with app_in_thread(engine, broken, "broken") as url:
+            status, text = http("GET", url + "/health")
+            assert status == 200 and json.loads(text)["status"] == "ok"
+            status, _ = http("POST", url + "/v1/completions", {"model": "broken", "prompt": "Hello", "max_tokens": 2})
+            assert status == 500
+            status, text = http("GET", url + "/health")
+            error = json.loads(text)["error"]
+            assert status == 503 and error["type"] == "server_error" and error["code"] == "engine_unavailable"
+            assert error["message"].startswith("the engine failed: TypeError: ") and "dot_general" in error["message"]
+    finally:
+        engine.close()
+    assert engine.failure.startswith("the engine failed: TypeError")
+
+    healthy = Engine(default, max_batch=1, max_len=64)
+    with app_in_thread(healthy, default, "closed") as url:
+        assert http("GET", url + "/health")[0] == 200
+        healthy.close()
+        status, text = http("GET", url + "/health")
+    assert status == 503 and json.loads(text)["error"]["message"] == "the engine is closed"

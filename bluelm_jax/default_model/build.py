@@ -8,7 +8,8 @@
 3. Trains it from scratch with bluelm_jax.train on the corpus records
    (bluelm_jax/default_model/corpus.py), float32 on CPU.
 4. Checks that greedy decoding gives back every trained answer exactly (chat and plain
-   prompts, few-shot lines); exits 1 if one does not.
+   prompts, every assistant turn of the multi-turn and tool-calling chats, few-shot lines);
+   exits 1 if one does not.
 5. Writes config.json, model.safetensors (float32), tokenizer.model and build_info.json.
 """
 
@@ -30,6 +31,7 @@ CHAT_PIECES = ("[|Human|]:", "[|AI|]:", "[|SYSTEM|]:", "[|Function|]:")
 TOKENIZER_VOCAB = 1024
 MODEL_SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=2048)
+SEQ_LEN = 256  # the longest record, a tool round trip with its system text, is 236 tokens
 
 
 def train_tokenizer(sentences: list[str], vocab_size: int = TOKENIZER_VOCAB) -> bytes:
@@ -46,8 +48,9 @@ def train_tokenizer(sentences: list[str], vocab_size: int = TOKENIZER_VOCAB) -> 
     return model.getvalue()
 
 
-def greedy(params, config, prompt_ids: list[int], max_new: int, stop_ids, width: int = 128) -> list[int]:
-    """Greedy continuation by full forward passes over a fixed width (one compilation)."""
+def greedy(params, config, prompt_ids: list[int], max_new: int, stop_ids) -> list[int]:
+    """Greedy continuation by full forward passes over a fixed width (one compilation per width:
+    the smallest power of two, at least 128, that holds the prompt and max_new tokens)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -58,6 +61,7 @@ def greedy(params, config, prompt_ids: list[int], max_new: int, stop_ids, width:
     if "_FWD" not in globals():
         _FWD = jax.jit(lambda p, t: forward(p, t, jnp.arange(t.shape[1])[None], config)[0][0])
     ids = list(prompt_ids)
+    width = max(128, 1 << (len(ids) + max_new - 1).bit_length())
     out = []
     for _ in range(max_new):
         if len(ids) >= width:
@@ -73,13 +77,16 @@ def greedy(params, config, prompt_ids: list[int], max_new: int, stop_ids, width:
 
 
 def recall_cases():
-    """(prompt ids builder input, expected text, kind): every trained answer."""
+    """(kind, prompt, expected text): every trained answer. A "chat" prompt is the message list
+    before the answer (chat template), a "plain" prompt a text."""
     from bluelm_jax.default_model import corpus
 
     cases = []
     for q, a in corpus.qa_pairs():
-        cases.append(("chat", q, a))
+        cases.append(("chat", [{"role": "user", "content": q}], a))
         cases.append(("plain", q, a))
+    for chat in corpus.CHATS + corpus.tool_chats():
+        cases += [("chat", chat[:i], m["content"]) for i, m in enumerate(chat) if m["role"] == "assistant"]
     for p, r in corpus.FEW_SHOT:
         cases.append(("plain", p, r))
     return cases
@@ -90,11 +97,12 @@ def check_recall(params, config, tok) -> list[str]:
     failures = []
     stops = {tok.eos_id, tok.piece_to_id("[|Human|]:")}
     for kind, prompt, answer in recall_cases():
-        ids = tok.encode_chat([{"role": "user", "content": prompt}]) if kind == "chat" else tok.encode(prompt)
+        ids = tok.encode_chat(prompt) if kind == "chat" else tok.encode(prompt)
         out = greedy(params, config, ids, 64, stops)
         text = tok.decode([i for i in out if i not in stops])
         if out[-1:] != [tok.eos_id] or text.strip() != answer.strip():
-            failures.append(f"{kind} {prompt!r}: got {text!r}, expected {answer!r}")
+            shown = prompt[-1]["content"] if kind == "chat" else prompt
+            failures.append(f"{kind} {shown!r}: got {text!r}, expected {answer!r}")
     return failures
 
 
@@ -120,7 +128,7 @@ def main(argv=None) -> int:
     config = BlueLMConfig(vocab_size=vocab, **MODEL_SHAPE)
     print(f"tokenizer: {tok.vocab_size} pieces; model: {config.num_parameters():,} parameters")
 
-    tc = TrainConfig(seq_len=128, batch_size=16, learning_rate=3e-3, warmup_steps=30, min_lr_ratio=0.05,
+    tc = TrainConfig(seq_len=SEQ_LEN, batch_size=16, learning_rate=3e-3, warmup_steps=30, min_lr_ratio=0.05,
                      max_steps=args.steps, log_steps=50, seed=0, mesh="data=1", compute_dtype="float32")
     model = types.SimpleNamespace(config=config, tokenizer=tok, params=init_params(config), path="")
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,12 +1,24 @@
 """The corpus the default model is trained on (and its tokenizer learned from).
 
 Short chat question/answer pairs in English and Chinese, a few multi-turn chats, and
-few-shot lines in the style of the BlueLM release's examples. The default model learns
-them by heart: under greedy decoding it answers each question with exactly its answer
-(checked by bluelm_jax/default_model/build.py and tests/test_default_model.py).
+few-shot lines in the style of the BlueLM release's examples, and function-calling chats
+with two tools (TOOLS: get_weather and get_time) in BlueLM's format. The default model
+learns them by heart: under greedy decoding it answers each question with exactly its
+answer (checked by bluelm_jax/default_model/build.py and tests/test_default_model.py).
+
+The function-calling chats are written as OpenAI messages (`tools=TOOLS`, the user's
+question, the assistant's tool call, the tool's result, the assistant's answer) and turned
+into chat turns by the server's own `tools.prompt_messages`, so the model is trained on
+exactly the prompts `serve` sends for `tools=TOOLS`: the system text listing the tools, the
+call as the JSON answer {"answer": null, "function_calls": [...]} that `parse_answer` turns
+into `tool_calls`, and the result as the `[|Function|]:` turn followed by a plain answer.
 """
 
 from __future__ import annotations
+
+import json
+
+from bluelm_jax.server import tools
 
 SYSTEM = "You are BlueLM-tiny, a small bilingual demo model of the bluelm-jax project."
 
@@ -81,6 +93,48 @@ FEW_SHOT = [
 ]
 
 
+TOOLS = [  # OpenAI tools, as a client sends them (the key order is part of the prompt text)
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "the city"}},
+                       "required": ["city"]}}},
+    {"type": "function", "function": {
+        "name": "get_time", "description": "Get the current local time in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "the city"}},
+                       "required": ["city"]}}},
+]
+
+# (question, tool name, arguments, the tool's result, the answer that uses the result)
+TOOL_CALLS = [
+    ("What is the weather like in Paris?", "get_weather", {"city": "Paris"}, "sunny, 20°C",
+     "It is sunny and 20°C in Paris."),
+    ("How is the weather in Tokyo today?", "get_weather", {"city": "Tokyo"}, "rainy, 15°C",
+     "It is rainy and 15°C in Tokyo today."),
+    ("北京今天天气怎么样？", "get_weather", {"city": "北京"}, "晴，25°C", "北京今天晴，气温25°C。"),
+    ("上海天气如何？", "get_weather", {"city": "上海"}, "多云，22°C", "上海现在多云，气温22°C。"),
+    ("What time is it in London?", "get_time", {"city": "London"}, "14:30", "It is 14:30 in London now."),
+    ("What is the time in New York?", "get_time", {"city": "New York"}, "09:15", "It is 09:15 in New York now."),
+    ("东京现在几点？", "get_time", {"city": "东京"}, "21:30", "东京现在是21:30。"),
+    ("巴黎现在几点了？", "get_time", {"city": "巴黎"}, "15:00", "巴黎现在是15:00。"),
+]
+
+
+def tool_call_messages(question: str, name: str, arguments: dict, result: str, answer: str) -> list[dict]:
+    """The OpenAI messages of one tool round trip: question, tool call, tool result, answer."""
+    call = {"id": "call_0", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+    return [{"role": "user", "content": question},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_0", "content": result},
+            {"role": "assistant", "content": answer}]
+
+
+def tool_chats() -> list[list[dict]]:
+    """The tool round trips as the chat turns the server builds for `tools=TOOLS` (system text
+    first, the call as BlueLM's JSON answer, the result as a function turn)."""
+    return [tools.prompt_messages(tool_call_messages(*t), TOOLS) for t in TOOL_CALLS]
+
+
 def qa_pairs() -> list[tuple[str, str]]:
     """Every single-turn (question, answer) pair, English then Chinese."""
     return QA_EN + QA_ZH
@@ -88,12 +142,12 @@ def qa_pairs() -> list[tuple[str, str]]:
 
 def records() -> list[dict]:
     """The training records (data.py formats): each pair as a chat turn and as plain text,
-    the multi-turn chats, and the few-shot lines."""
+    the multi-turn chats, the tool round trips (both answers trained), and the few-shot lines."""
     out: list[dict] = []
     for q, a in qa_pairs():
         out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
         out.append({"prompt": q, "response": a})
-    out += [{"messages": m} for m in CHATS]
+    out += [{"messages": m} for m in CHATS + tool_chats()]
     out += [{"prompt": p, "response": r} for p, r in FEW_SHOT]
     return out
 
@@ -103,8 +157,8 @@ def tokenizer_sentences() -> list[str]:
     lines = []
     for q, a in qa_pairs():
         lines += [q, a, f"[|Human|]:{q}[|AI|]:{a}"]
-    for chat in CHATS:
-        lines += [m["content"] for m in chat]
+    for chat in CHATS + tool_chats():
+        lines += [line for m in chat for line in m["content"].split("\n")]
     for p, r in FEW_SHOT:
         lines += (p + r).split("\n")
     return lines

@@ -3,7 +3,7 @@
     GET  /v1/models             the one served model
     POST /v1/chat/completions   chat through BlueLM's template; streamed (SSE) or not; tools
     POST /v1/completions        text or token-id prompts; echo; logprobs; max_tokens 0 scores a prompt
-    GET  /health                200 while the engine answers
+    GET  /health                200 while the engine runs; 503 with the reason once it failed or closed
     GET  /metrics               Prometheus text (metrics.py)
 
 Every request error is an OpenAI error object with its status (schema.py). With an API key,
@@ -299,6 +299,9 @@ def create_app(engine, model, served_model_name: str, api_key: Optional[str] = N
 
     @app.get("/health")
     async def health():
+        failure = server.engine.failure
+        if failure is not None:
+            raise APIError(503, failure, type="server_error", code="engine_unavailable")
         stats = server.engine.stats()
         return {"status": "ok", "active_slots": stats.active_slots, "queue_depth": stats.queue_depth}
 
