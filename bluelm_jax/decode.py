@@ -95,6 +95,20 @@ def decode_logits(params: dict, token: jax.Array, cache: KVCache, config: BlueLM
     return logits[:, -1], cache
 
 
+def count_token(token: jax.Array, done: jax.Array, reason: jax.Array, count: jax.Array, stop_ids: jax.Array,
+                limit: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Counts the new `token` [batch] of the running rows (not `done` [batch]) and ends those that
+    sampled a stop id (STOP) or reached their `limit` [batch] of tokens (LENGTH).
+    stop_ids: [n] for every row or [batch, n] per row, padded with -1. Returns (count, done, reason)."""
+    live = ~done
+    count = count + live.astype(jnp.int32)
+    stop_ids = stop_ids if stop_ids.ndim == 2 else stop_ids[None, :]  # [batch or 1, n]
+    is_stop = live & jnp.any(token[:, None] == stop_ids, axis=-1)
+    at_limit = live & ~is_stop & (count >= limit)
+    reason = jnp.where(is_stop, STOP, jnp.where(at_limit, LENGTH, reason)).astype(jnp.int32)
+    return count, done | is_stop | at_limit, reason
+
+
 def _record(state: DecodeState, token: jax.Array, request: Request) -> DecodeState:
     """Appends the sampled `token` [batch] to the rows still running; updates stop flags."""
     live = ~state.done  # [batch]
@@ -103,15 +117,9 @@ def _record(state: DecodeState, token: jax.Array, request: Request) -> DecodeSta
     old = jax.lax.dynamic_slice_in_dim(state.tokens, col, 1, axis=1)[:, 0]
     column = jnp.where(live, token, old)
     tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, column[:, None], col, axis=1)
-    count = state.count + live.astype(jnp.int32)
-    is_stop = live & jnp.any(token[:, None] == request.stop_ids[None, :], axis=-1)
-    at_limit = live & ~is_stop & (count >= request.limit)
-    reason = jnp.where(is_stop, STOP, jnp.where(at_limit, LENGTH, state.reason))
-    return state._replace(
-        token=token, tokens=tokens, count=count, step=state.step + 1,
-        done=state.done | is_stop | at_limit, reason=reason.astype(jnp.int32),
-        seen=sampling.mark_seen(state.seen, token),
-    )
+    count, done, reason = count_token(token, state.done, state.reason, state.count, request.stop_ids, request.limit)
+    return state._replace(token=token, tokens=tokens, count=count, step=state.step + 1, done=done, reason=reason,
+                          seen=sampling.mark_seen(state.seen, token))
 
 
 def _prefill(params, tokens, start, request: Request, keys, static: Static, cache_len: int,

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bluelm_jax import sampling, sharding
-from bluelm_jax.decode import FINISH_REASONS, LENGTH, RUNNING, STOP, TRACE_COUNTS, Static, decode_logits
+from bluelm_jax.decode import FINISH_REASONS, RUNNING, TRACE_COUNTS, Static, count_token, decode_logits
 from bluelm_jax.model import KVCache, forward, init_cache
 from bluelm_jax.planning import PROMPT_BUCKETS, ContextOverflowError, GenerationSettings, bucket_length, tokenizer_of
 
@@ -296,14 +296,10 @@ def _prefill_part(params, cache: KVCache, tokens: jax.Array, static: Static) -> 
 def _record(state: EngineState, token: jax.Array) -> tuple[EngineState, jax.Array]:
     """Appends `token` [batch] to the running rows; updates stop flags. Returns the state and
     the column to emit [batch] (NO_TOKEN for rows that were done)."""
-    live = ~state.done
-    count = state.count + live.astype(jnp.int32)
-    is_stop = live & jnp.any(token[:, None] == state.stop_ids, axis=-1)
-    at_limit = live & ~is_stop & (count >= state.limit)
-    reason = jnp.where(is_stop, STOP, jnp.where(at_limit, LENGTH, state.reason)).astype(jnp.int32)
-    state = state._replace(token=token, count=count, done=state.done | is_stop | at_limit, reason=reason,
-                           seen=sampling.mark_seen(state.seen, token))
-    return state, jnp.where(live, token, NO_TOKEN)
+    count, done, reason = count_token(token, state.done, state.reason, state.count, state.stop_ids, state.limit)
+    emitted = jnp.where(state.done, NO_TOKEN, token)
+    return state._replace(token=token, count=count, done=done, reason=reason,
+                          seen=sampling.mark_seen(state.seen, token)), emitted
 
 
 def _admit(state: EngineState, row: jax.Array, part: KVCache, logits: jax.Array, tokens: jax.Array,
@@ -333,9 +329,9 @@ def _admit(state: EngineState, row: jax.Array, part: KVCache, logits: jax.Array,
         new.do_sample[None], new.top_k[None])
     first = sampling.sample_rows(logits, seen, settings, new.key[None], jnp.zeros((1,), jnp.int32),
                                  static.sampler.vocab_limit)[0]
-    is_stop = jnp.any(first == new.stop_ids)
-    at_limit = ~is_stop & (new.limit <= 1)
-    reason = jnp.where(is_stop, STOP, jnp.where(at_limit, LENGTH, RUNNING)).astype(jnp.int32)
+    _, first_done, reason = count_token(first[None], jnp.zeros((1,), bool), jnp.full((1,), RUNNING, jnp.int32),
+                                        jnp.zeros((1,), jnp.int32), new.stop_ids, new.limit)
+    first_done, reason = first_done[0], reason[0]
     put = lambda a, x: a.at[row].set(x)  # noqa: E731
     rows = sampling.RowSettings(
         sampling.SamplerParams(*(put(a, x) for a, x in zip(state.rows.params, (
@@ -343,10 +339,10 @@ def _admit(state: EngineState, row: jax.Array, part: KVCache, logits: jax.Array,
         put(state.rows.do_sample, new.do_sample), put(state.rows.top_k, new.top_k))
     state = state._replace(
         cache=KVCache(k, v, index, start), token=put(state.token, first), count=put(state.count, 1),
-        done=put(state.done, is_stop | at_limit), reason=put(state.reason, reason),
+        done=put(state.done, first_done), reason=put(state.reason, reason),
         seen=put(state.seen, sampling.mark_seen(seen, first[None])[0]), keys=put(state.keys, new.key),
         rows=rows, limit=put(state.limit, new.limit), stop_ids=put(state.stop_ids, new.stop_ids))
-    return state, jnp.stack([first, (is_stop | at_limit).astype(jnp.int32), reason])
+    return state, jnp.stack([first, first_done.astype(jnp.int32), reason])
 
 
 def _roll_slots(x: jax.Array, delta: jax.Array) -> jax.Array:

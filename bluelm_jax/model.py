@@ -36,8 +36,9 @@ buffer per layer for keys and one for values, `[batch, kv_heads, max_len, head_d
 in place with `dynamic_update_slice`. One buffer per layer, not one stacked array: a layer of
 a stacked cache is a slice that XLA's CPU backend copies before every product (a decode step
 then copied the whole cache); heads before slots, so that a decode step's products read
-each head's keys as one block with no transpose (`python -m bench.decode_attention`). Rows of a batch share one write index: prompts of different lengths
-are left-padded, and `start[b]` is the first real slot of row b.
+each head's keys as one block with no transpose (`python -m bench.cache_layout`). Rows of a
+batch share one write index: prompts of different lengths are left-padded, and `start[b]` is
+the first real slot of row b.
 """
 
 from __future__ import annotations

@@ -237,3 +237,19 @@ def test_engine_under_a_mesh(model):
     with E.Engine(sharded, max_batch=2, max_len=256) as engine:
         results = run_concurrently(engine, reqs)
     assert [ids for ids, _ in results] == [solo(model, r) for r in reqs]
+
+
+def test_32k_model_long_prompt_with_a_long_cache():
+    """An ntkmixed (32K-family) model: a 1,100-token prompt prefilled in chunks of 512 into a cache
+    of 2,048 slots per row (decode attention then reads the filled blocks only, `chunked_attention`)
+    while a short request decodes; both equal their solo `generate`."""
+    config = preset("tiny-32k")
+    model = make_model(config)
+    reqs = [E.EngineRequest(prompt_ids=prompt(1100, 7), max_new_tokens=8, stop_ids=(EOS,)),
+            E.EngineRequest(prompt_ids=prompt(20, 8), max_new_tokens=24, stop_ids=(EOS,), temperature=0.8, seed=3)]
+    with E.Engine(model, max_batch=2, max_len=2048, prefill_chunk=512, steps_per_sync=4) as engine:
+        short = engine.submit(reqs[1])
+        next(short.tokens(timeout=120))
+        long = engine.submit(reqs[0])
+        assert long.result(timeout=300) == solo(model, reqs[0])
+        assert short.result(timeout=300) == solo(model, reqs[1])
