@@ -27,6 +27,12 @@ greedy or not) are traced per row, as are keys, token limits and stop ids, so no
 recompiles as requests come and go: shapes depend only on the prompt bucket.
 `TRACE_COUNTS` (shared with decode.py, keys "engine.*") counts the traces.
 
+Widths. A decode block computes only the first `rows` rows: the smallest of `widths` (1, 2,
+4, ..., max_batch) that holds the running ones. Before each block the last running rows are
+moved into the free rows before them (`_move_row`: one row of each cache buffer), so a step
+costs what its running rows need, not what max_batch would (a batch-16 step of the medium
+shape costs about 3.5 batch-1 steps on a 2-core CPU). `warm_up` compiles every width.
+
 Exactness: a greedy request's ids equal `generate`'s for that prompt alone, and a seeded
 sampled request draws with the same key schedule (row key folded with the row's token
 count), so it equals its solo `generate` result too.
@@ -361,14 +367,36 @@ def _shifted_starts(index: jax.Array, start: jax.Array, delta: jax.Array, free: 
     return index, jnp.where(free, index, start + delta)
 
 
+def _move_row(state: EngineState, src: jax.Array, dst: jax.Array) -> EngineState:
+    """Copies row `src` of every per-row array (its cache rows, settings, key, ...) to row `dst`
+    and ends row src (done), unless src == dst. In place: one row per layer is copied."""
+    TRACE_COUNTS["engine.move_row"] += 1
+    moved = jax.tree.map(lambda x: x if x.ndim == 0 else x.at[dst].set(x[src]), state)  # the index is shared
+    return moved._replace(done=moved.done.at[src].set(moved.done[src] | (src != dst)))
+
+
 def _decode_block(params, state: EngineState, steps: jax.Array, release: jax.Array, static: Static,
-                  width: int) -> tuple[EngineState, jax.Array, jax.Array]:
+                  width: int, rows: int) -> tuple[EngineState, jax.Array, jax.Array]:
     """Ends the rows in `release` [batch] bool, then runs up to `steps` (traced, <= width) decode
-    steps while a row runs. Returns the state, the tokens [batch, width] (NO_TOKEN: none) and
-    the number of steps taken [] (the write index advanced by as many)."""
+    steps of rows [0, rows) while one of them runs (rows: static; the rows after them must be
+    free: they are neither computed nor advanced). Returns the state, the tokens [batch, width]
+    (NO_TOKEN: none) and the number of steps taken [] (the write index advanced by as many)."""
     TRACE_COUNTS["engine.decode_block"] += 1
     batch = state.token.shape[0]
     state = state._replace(done=state.done | release)
+    if rows < batch:  # the steps run on a copy of the first rows, written back in place
+        head = jax.tree.map(lambda x: x if x.ndim == 0 else x[:rows], state)
+        head, out, taken = _decode_steps(params, head, steps, static, width)
+        state = jax.tree.map(lambda x, h: h if x.ndim == 0 else jax.lax.dynamic_update_slice_in_dim(x, h, 0, axis=0),
+                             state, head)
+        return state, jnp.pad(out, ((0, batch - rows), (0, 0)), constant_values=NO_TOKEN), taken
+    return _decode_steps(params, state, steps, static, width)
+
+
+def _decode_steps(params, state: EngineState, steps: jax.Array, static: Static,
+                  width: int) -> tuple[EngineState, jax.Array, jax.Array]:
+    """Up to `steps` decode steps of every row while one runs: (state, tokens [batch, width], steps taken)."""
+    batch = state.token.shape[0]
     out = jnp.full((batch, width), NO_TOKEN, jnp.int32)
 
     def running(carry):
@@ -393,7 +421,8 @@ prefill_part = jax.jit(_prefill_part, static_argnames=("static",), donate_argnam
 admit = jax.jit(_admit, static_argnames=("static",), donate_argnames=("state",))
 roll_slots = jax.jit(_roll_slots, donate_argnums=(0,))
 shifted_starts = jax.jit(_shifted_starts)
-decode_block = jax.jit(_decode_block, static_argnames=("static", "width"), donate_argnames=("state",))
+move_row = jax.jit(_move_row, donate_argnames=("state",))
+decode_block = jax.jit(_decode_block, static_argnames=("static", "width", "rows"), donate_argnames=("state",))
 
 
 # --------------------------------------------------------------------------- host side
@@ -466,8 +495,13 @@ class Engine:
         self._prefill: Optional[_Prefill] = None
         self._active = 0
         self.shifts = 0  # how many times the rows were moved along the cache (`_shift`)
+        self.moves = 0  # how many running rows were moved into a free row before them (`_compact`)
+        self.blocks = collections.Counter()  # decode blocks run, by width
         self._release = np.zeros(self.max_batch, bool)  # freed rows to end on the device at the next block
         self._first: list[tuple[int, Handle, jax.Array]] = []  # admitted rows' first tokens, not yet read
+        # a decode block runs the first `rows` rows, the smallest of these that holds the running ones
+        self.widths = tuple(sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length())}))
+        self._jobs: collections.deque = collections.deque()  # (function, done event, outcome) for the loop thread
         with sharding.use(self._mesh):
             self._state = init_state(static=self._static, batch=self.max_batch, slots=self.slots,
                                      max_stop_ids=self.max_stop_ids)
@@ -505,7 +539,8 @@ class Engine:
 
     def warm_up(self, prompt_lengths=(1,)) -> None:
         """Compiles the engine's functions for prompts of these lengths (their buckets), by
-        running one short greedy and one sampled request each; the stats do not count them."""
+        running one short greedy and one sampled request each, and the decode block for every
+        width (`widths`); the stats do not count them."""
         with self._lock:
             tokens, finished = self._tokens_generated, collections.Counter(self._finished)
         for n in prompt_lengths:
@@ -515,6 +550,7 @@ class Engine:
             for temperature in (0.0, 1.0):
                 self.submit(EngineRequest(prompt_ids=(self._static.pad_id,) * n, max_new_tokens=new,
                                           temperature=temperature)).result()
+        self._on_loop(self._compile_decode_blocks)
         with self._lock:
             self._tokens_generated, self._finished = tokens, finished
 
@@ -550,6 +586,27 @@ class Engine:
         with self._lock:
             self._lock.notify_all()
 
+    def _on_loop(self, function) -> None:
+        """Runs function() on the device loop's thread between two iterations and waits for it."""
+        job = (function, threading.Event(), {})
+        with self._lock:
+            if self._failed is not None or self._closing:
+                raise RuntimeError(self.failure)
+            self._jobs.append(job)
+            self._lock.notify_all()
+        job[1].wait()
+        if "error" in job[2]:
+            raise RuntimeError(f"the engine failed: {job[2]['error']}") from job[2]["error"]
+
+    def _compile_decode_blocks(self) -> None:
+        """Compiles the decode block for every width and the row move; changes nothing (no step
+        taken, a row moved onto itself)."""
+        for rows in self.widths:
+            self._state, _, _ = decode_block(self.model.params, self._state, np.int32(0),
+                                             np.zeros(self.max_batch, bool), static=self._static,
+                                             width=self.steps_per_sync, rows=rows)
+        self._state = move_row(self._state, np.int32(0), np.int32(0))
+
     # ---- the device loop (the engine's thread)
 
     def _run(self) -> None:
@@ -567,18 +624,33 @@ class Engine:
     def _wait_for_work(self) -> bool:
         with self._lock:
             while not self._closing:
-                if self._active or self._prefill is not None or self._queue:
+                if self._active or self._prefill is not None or self._queue or self._jobs:
                     return True
                 self._lock.wait()
             return False
 
     def _iteration(self) -> None:
-        """Admissions (at most one prefill chunk's worth while rows run), then one decode block."""
+        """Jobs, admissions (at most one prefill chunk's worth while rows run), then one decode block."""
+        self._run_jobs()
         self._drop_released_from_queue()
         self._prefill_some()
         self._release_rows()
         if self._active:
             self._decode()
+
+    def _run_jobs(self) -> None:
+        while True:
+            with self._lock:
+                if not self._jobs:
+                    return
+                function, done, outcome = self._jobs.popleft()
+            try:
+                function()
+            except BaseException as e:  # the caller hears of it; the loop fails as for any device error
+                outcome["error"] = e
+                raise
+            finally:
+                done.set()
 
     def _drop_released_from_queue(self) -> None:
         with self._lock:
@@ -681,8 +753,9 @@ class Engine:
                 self._shift(-low)
         steps = min(self.steps_per_sync, self.slots - self._index)
         assert steps > 0, "a running row always leaves a free slot at the end of the cache"
+        rows = self._compact()
         self._state, out, taken = decode_block(self.model.params, self._state, np.int32(steps), self._release,
-                                               static=self._static, width=self.steps_per_sync)
+                                               static=self._static, width=self.steps_per_sync, rows=rows)
         self._release = np.zeros(self.max_batch, bool)
         firsts, self._first = self._first, []
         for row, handle, first in firsts:  # (token, done, reason); a done row is ended below
@@ -695,6 +768,24 @@ class Engine:
                 continue
             ids = [int(t) for t in out[b] if t != NO_TOKEN]
             self._deliver(b, ids, FINISH_REASONS[int(reason[b])] if done[b] else None)
+
+    def _compact(self) -> int:
+        """Moves the last running rows into the free rows before them, so that the running rows are
+        the first ones; returns the decode block's width: the smallest of `widths` that holds them."""
+        while True:
+            free = self._free_row()
+            top = max((b for b, h in enumerate(self._rows) if h is not None), default=-1)
+            if free is None or top < free:
+                break
+            self._state = move_row(self._state, np.int32(top), np.int32(free))
+            self.moves += 1
+            self._rows[free], self._rows[top] = self._rows[top], None
+            self._start[free], self._release[free], self._release[top] = self._start[top], self._release[top], False
+            self._first = [(free if row == top else row, handle, first) for row, handle, first in self._first]
+        running = sum(h is not None for h in self._rows)
+        width = next(w for w in self.widths if w >= running)
+        self.blocks[width] += 1
+        return width
 
     def _deliver(self, row: int, ids: list[int], finish_reason: Optional[str]) -> None:
         """Hands ids to row's handle; a finished row is freed."""
@@ -726,5 +817,10 @@ class Engine:
         self._prefill = None
         with self._lock:
             self._active = 0
+            jobs = list(self._jobs)
+            self._jobs.clear()
         for h in waiting + running:
             self._finish(h, reason, error=error)
+        for _, done, outcome in jobs:
+            outcome["error"] = error or RuntimeError("the engine is closed")
+            done.set()

@@ -112,6 +112,8 @@ def test_concurrent_requests_equal_solo_generate(model):
     with E.Engine(model, max_batch=4, max_queue=32, max_len=256, prefill_chunk=64, steps_per_sync=4) as engine:
         results = run_concurrently(engine, reqs)
         assert engine.shifts >= 3  # rows were moved right (admissions) and left (the cache's end)
+        assert engine.moves >= 1  # rows that ended early were filled by the last running rows
+        assert set(engine.blocks) == {1, 2, 4}  # the decode blocks ran the first 1, 2 or 4 rows as needed
         for (ids, handle), w, r in zip(results, want, reqs):
             assert ids == w, r
             assert handle.completion_tokens == len(w) and handle.prompt_tokens == len(r.prompt_ids)

@@ -12,6 +12,7 @@ import argparse
 import os
 import socket
 import sys
+import time
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -115,6 +116,9 @@ def _serve(args, load, name: str, sock: socket.socket) -> None:
     model, mesh = load(args)
     with sharding.use(mesh), Engine(model, max_batch=args.max_batch, max_queue=args.max_queue,
                                                   max_len=args.max_len) as engine:
+        started = time.perf_counter()
+        engine.warm_up()  # the first requests do not wait for the decode blocks to compile
+        print(f"compiled the engine in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         app = create_app(engine, model, name, args.api_key)
         host, port = sock.getsockname()[:2]
         print(f"serving {name!r} on http://{host}:{port}/v1 (max batch {args.max_batch}, "
