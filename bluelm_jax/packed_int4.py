@@ -28,10 +28,15 @@ read as unsigned 32-bit integers, so nibble 7 is the sign bit's nibble of the st
   its block. Zero points are stored as they are. Weight: w[i, o] = (q[i, o] - zero[i //
   group_size, o]) * scale[i // group_size, o].
 
-These layouts were established from the packing and unpacking routines of AutoGPTQ (its
-reference QuantLinear: `zeros -= 1` before packing, `+ 1` after unpacking), GPTQModel's
-documentation of its "gptq" and "gptq_v2" checkpoint formats, and AutoAWQ's GEMM packing and
-unpacking order; tests/test_packed_int4.py pins them with hand-written words.
+Where these layouts come from: AutoGPTQ's reference QuantLinear (its packer subtracts one from
+the zero points and its unpacker adds it back, with shifts 4k along the input axis for qweight
+and the output axis for qzeros); GPTQModel's and vLLM's descriptions of the "gptq" (v1) and
+"gptq_v2" checkpoint formats, which differ only in that offset; AutoAWQ's GEMM layer (its packer
+places column AWQ_PACK_ORDER[k] of a block at shift 4k for both qweight and qzeros, and requires
+zero points) and its dequantizer, which undoes the order and groups rows as i // group_size
+(its repacking into the exllama GPTQ layout subtracts one from AWQ's zero points: the same v1
+convention seen from the other side). tests/test_packed_int4.py pins each layout with words
+written out by hand.
 """
 
 from __future__ import annotations
@@ -237,7 +242,9 @@ def dequantize_gptq(
     g_idx = np.asarray(g_idx).astype(np.int64)  # [in]
     _check_group_tensors("GPTQ", q.shape, zeros.shape, scales.shape)
     if g_idx.shape != (in_features,):
-        raise ValueError(f"GPTQ g_idx has shape {g_idx.shape}, expected ({in_features},) for qweight {np.shape(qweight)}")
+        raise ValueError(
+            f"GPTQ g_idx has shape {g_idx.shape}, expected ({in_features},) for qweight {np.shape(qweight)}"
+        )
     if g_idx.size and (g_idx.min() < 0 or g_idx.max() >= scales.shape[0]):
         raise ValueError(f"GPTQ g_idx values {g_idx.min()}..{g_idx.max()} fall outside the {scales.shape[0]} groups")
     return (q.astype(np.float32) - zeros[g_idx]) * scales[g_idx]  # [in, out]

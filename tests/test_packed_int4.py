@@ -174,7 +174,8 @@ def test_mismatched_tensors_are_refused():
     with pytest.raises(ValueError, match="disagree"):
         p4.dequantize_gptq(qweight, qzeros, np.ones((3, 8), dtype=np.float16), group_size=8)
     with pytest.raises(ValueError, match="need 4 groups"):
-        p4.dequantize_awq(p4.pack_awq_qweight(q), p4.pack_awq_qzeros(np.zeros((2, 8), dtype=np.int64)), scales, group_size=4)
+        awq_zeros = p4.pack_awq_qzeros(np.zeros((2, 8), dtype=np.int64))
+        p4.dequantize_awq(p4.pack_awq_qweight(q), awq_zeros, scales, group_size=4)
 
 
 # ------------------------------------------------------------------ quantization_config
@@ -192,7 +193,11 @@ def test_reads_the_release_configs():
     )
     assert v2.zero_point and v2.gptq_zero_offset == 0
     awq = p4.read_quantization_config(
-        {"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "GEMM", "zero_point": True}}
+        {
+            "quantization_config": {
+                "quant_method": "awq", "bits": 4, "group_size": 128, "version": "GEMM", "zero_point": True
+            }
+        }
     )
     assert awq == p4.QuantizationConfig("awq", 4, 128, desc_act=False, zero_point=True, version="gemm")
 
