@@ -497,7 +497,6 @@ class Engine:
         self.shifts = 0  # how many times the rows were moved along the cache (`_shift`)
         self.moves = 0  # how many running rows were moved into a free row before them (`_compact`)
         self.blocks = collections.Counter()  # decode blocks run, by width
-        self.block_steps = collections.Counter()  # decode blocks run, by the steps they were given
         self._release = np.zeros(self.max_batch, bool)  # freed rows to end on the device at the next block
         self._first: list[tuple[int, Handle, jax.Array]] = []  # admitted rows' first tokens, not yet read
         # a decode block runs the first `rows` rows, the smallest of these that holds the running ones
@@ -672,8 +671,6 @@ class Engine:
         per call; with none running, until the rows or the queue are exhausted."""
         budget = self.prefill_chunk
         while self._free_row() is not None:
-            if self._active and budget <= 0:
-                return
             if self._prefill is None:
                 with self._lock:
                     if not self._queue:
@@ -685,6 +682,8 @@ class Engine:
                 self._prefill = None
                 self._finish(p.handle, p.handle._release)
                 continue
+            if self._active and budget <= 0:
+                return
             self._feed_chunk(p)
             budget -= p.chunk
             if p.complete:
@@ -752,14 +751,9 @@ class Engine:
             low = int(min(self._start[b] for b in running)) if running else self._index
             if low > 0:
                 self._shift(-low)
-        with self._lock:
-            admissible = bool(self._queue) and self._free_row() is not None
-        # queued requests that fit free rows are admitted after one step: the rows fill at the pace of
-        # the prefills (a burst decodes at full width sooner) and each running row still gets a token
-        steps = min(1 if admissible else self.steps_per_sync, self.slots - self._index)
+        steps = min(self.steps_per_sync, self.slots - self._index)
         assert steps > 0, "a running row always leaves a free slot at the end of the cache"
         rows = self._compact()
-        self.block_steps[steps] += 1
         self._state, out, taken = decode_block(self.model.params, self._state, np.int32(steps), self._release,
                                                static=self._static, width=self.steps_per_sync, rows=rows)
         self._release = np.zeros(self.max_batch, bool)

@@ -177,20 +177,6 @@ def test_long_prompt_prefill_is_interleaved_with_running_streams(model):
         assert a.result(timeout=60) == solo(model, running)
 
 
-def test_queued_requests_are_admitted_after_one_step_each(model):
-    """Four requests queued at once, prefill budget one 32-token bucket per iteration: the first is
-    admitted, then each of the next three after ONE decode step of the running rows (not a whole
-    block of steps_per_sync), and the rest decodes in blocks; every result equals its solo run."""
-    reqs = [E.EngineRequest(prompt_ids=prompt(10 + i, 40 + i), max_new_tokens=12, stop_ids=(EOS,))
-            for i in range(4)]
-    with E.Engine(model, max_batch=4, max_len=256, prefill_chunk=32, steps_per_sync=4) as engine:
-        with engine._lock:  # the device loop sees all four at once
-            handles = [engine.submit(r) for r in reqs]
-        results = [h.result(timeout=120) for h in handles]
-        assert engine.block_steps[1] == 3 and set(engine.block_steps) == {1, 4}, engine.block_steps
-    assert results == [solo(model, r) for r in reqs]
-
-
 def test_stop_ends_with_reason_stop(model):
     with E.Engine(model, max_batch=1, max_len=256) as engine:
         h = engine.submit(E.EngineRequest(prompt_ids=prompt(8, 3), max_new_tokens=200))
