@@ -1,0 +1,248 @@
+"""Weight-only quantization of projection weights: int8 per output channel and int4 in groups.
+
+Pure functions, no model: a weight is a 2-D array whose input axis is `in_axis` (0 for the
+KERNEL layout [in, out], 1 for the WEIGHT layout [out, in]; params.py). Activations stay in
+floating point (weight-only quantization); products return float32.
+
+- int8: symmetric, one float32 scale per output channel, scale = max|w| / 127 over the input
+  axis; q = round(w / scale) in [-127, 127], stored int8 in the weight's own layout.
+- int4: symmetric, one float32 scale per group of GROUP consecutive inputs and output channel,
+  scale = max|w| / 7 over the group, q in [-7, 7]. Two values share a byte: within each group,
+  the low nibble of byte j holds input j and the high nibble holds input j + GROUP/2, so the
+  packed array is the weight's layout with the input axis halved, and unpacking a group is
+  two shifts and a concatenation (no interleave). Scales are [in / GROUP, out] in both layouts.
+  Packed, an int4 weight takes 4.25 bits per value with its scales (int8: 8 bits plus one
+  scale per output channel). No zero points: the levels are symmetric around 0.
+  A zero channel or group gets scale 0 and q 0, and dequantizes to exact zeros.
+
+Products (`int8_product`, `int4_product`). XLA on CPU does not fuse a dequantizing convert
+into its dot: dequantize-then-dot writes the whole float weight each step, and a
+multiply-reduce over [out, in] is slow at one row. On CPU the products therefore run
+blocked: a loop (`lax.map`) over blocks of OUT_BLOCK output channels of a [out, in] weight
+dequantizes one block (OUT_BLOCK x in float32, cache-sized) and multiplies it by x with a
+float32 dot, so no more than one block is ever at full precision. A [in, out] weight is
+walked over blocks of input rows instead (`lax.scan`, accumulating the float32 result).
+Measured for one [4096, 11008] weight at 1 / 8 / 32 rows on this project's 2-core machine
+while it was loaded by other work (noisy; medians of 7, `python -m bench.cpu_products`
+gives the side-by-side table): float32 dot 14.8 / 30.1 / 56.1 ms; int8 blocked [out, in]
+15.0 / 42.6 / 67.7 ms (block 64); int8 convert to bfloat16 then bfloat16 dot 148 / 190 ms;
+int8 multiply-reduce over [out, in] 743 / 40 ms (XLA's reduce is slow at one row); int4
+packed blocked 25 / 59 ms against int4 multiply-reduce 54 / 265 ms. On other backends
+(GPU, TPU), where XLA fuses the dequantization into the dot, the product is the plain
+dequantize-then-dot.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+INT8_MAX = 127
+INT4_MAX = 7  # symmetric: levels -7..7 (the nibble's -8 is never used)
+GROUP = 128  # int4 inputs per scale
+OUT_BLOCK = 64  # output channels dequantized at once by the CPU products (measured best of 32, 64, 128)
+
+
+# --------------------------------------------------------------------------- layout helpers
+
+
+def _out_axis(in_axis: int) -> int:
+    if in_axis not in (0, 1):
+        raise ValueError(f"in_axis must be 0 ([in, out]) or 1 ([out, in]), not {in_axis}")
+    return 1 - in_axis
+
+
+def _safe_scale(scale: jax.Array) -> jax.Array:
+    """scale with zeros replaced by 1, to divide by (a zero scale's values are all zero)."""
+    return jnp.where(scale == 0, 1.0, scale)
+
+
+def _check_groups(n_in: int, group: int) -> int:
+    """The number of groups of `n_in` inputs; `group` must be even and divide n_in."""
+    if group <= 0 or group % 2 or n_in % group:
+        raise ValueError(f"int4 groups of {group} inputs need an even group that divides the input size {n_in}")
+    return n_in // group
+
+
+# --------------------------------------------------------------------------- int8
+
+
+def quantize_int8(w: jax.Array, in_axis: int) -> tuple[jax.Array, jax.Array]:
+    """w [in, out] (in_axis 0) or [out, in] (in_axis 1) -> (q int8 of w's shape, scale [out] float32)."""
+    _out_axis(in_axis)
+    w = jnp.asarray(w, jnp.float32)
+    scale = jnp.max(jnp.abs(w), axis=in_axis) / INT8_MAX  # [out]
+    q = jnp.round(w / jnp.expand_dims(_safe_scale(scale), in_axis))
+    return jnp.clip(q, -INT8_MAX, INT8_MAX).astype(jnp.int8), scale
+
+
+def dequantize_int8(q: jax.Array, scale: jax.Array, in_axis: int, dtype=jnp.float32) -> jax.Array:
+    """(q int8 [in, out] or [out, in], scale [out]) -> the weight in `dtype`, q's layout."""
+    _out_axis(in_axis)
+    return (q.astype(jnp.float32) * jnp.expand_dims(scale, in_axis)).astype(dtype)
+
+
+# --------------------------------------------------------------------------- int4
+
+
+def pack_int4(q: jax.Array, in_axis: int, group: int = GROUP) -> jax.Array:
+    """q int8 values in [-8, 7], [in, out] or [out, in] -> int8 bytes with the input axis halved:
+    within each group, byte j's low nibble is input j and its high nibble input j + group/2."""
+    _out_axis(in_axis)
+    n_groups = _check_groups(q.shape[in_axis], group)
+    grouped = jnp.moveaxis(q, in_axis, -1).reshape(*q.shape[:in_axis], *q.shape[in_axis + 1:], n_groups, group)
+    low, high = grouped[..., : group // 2], grouped[..., group // 2:]  # [..., groups, group/2]
+    packed = jnp.bitwise_or(jnp.bitwise_and(low, 0xF), jnp.left_shift(high, 4)).astype(jnp.int8)
+    return jnp.moveaxis(packed.reshape(*packed.shape[:-2], -1), -1, in_axis)
+
+
+def unpack_int4(packed: jax.Array, in_axis: int, group: int = GROUP) -> jax.Array:
+    """The inverse of `pack_int4`: int8 values in [-8, 7] with the input axis doubled."""
+    _out_axis(in_axis)
+    n_groups = _check_groups(2 * packed.shape[in_axis], group)
+    rows = jnp.moveaxis(packed, in_axis, -1)
+    grouped = rows.reshape(*rows.shape[:-1], n_groups, group // 2)  # [..., groups, group/2]
+    low = jnp.right_shift(jnp.left_shift(grouped, 4), 4)  # arithmetic shifts sign-extend the nibble
+    high = jnp.right_shift(grouped, 4)
+    values = jnp.concatenate([low, high], axis=-1).reshape(*rows.shape[:-1], -1)  # [..., in]
+    return jnp.moveaxis(values, -1, in_axis)
+
+
+def quantize_int4(w: jax.Array, in_axis: int, group: int = GROUP) -> tuple[jax.Array, jax.Array]:
+    """w [in, out] or [out, in] -> (packed int8 with the input axis halved (`pack_int4`),
+    scale [in / group, out] float32)."""
+    _out_axis(in_axis)
+    w_in_out = jnp.asarray(w, jnp.float32) if in_axis == 0 else jnp.asarray(w, jnp.float32).T  # [in, out]
+    n_in, n_out = w_in_out.shape
+    grouped = w_in_out.reshape(_check_groups(n_in, group), group, n_out)  # [groups, group, out]
+    scale = jnp.max(jnp.abs(grouped), axis=1) / INT4_MAX  # [groups, out]
+    q = jnp.clip(jnp.round(grouped / _safe_scale(scale)[:, None, :]), -INT4_MAX, INT4_MAX).astype(jnp.int8)
+    q = q.reshape(n_in, n_out)  # [in, out]
+    return pack_int4(q if in_axis == 0 else q.T, in_axis, group), scale
+
+
+def _dequantize_int4_values(q: jax.Array, scale: jax.Array, in_axis: int, dtype) -> jax.Array:
+    """Unpacked q [in, out] or [out, in] (values) and scale [groups, out] -> the weight in `dtype`."""
+    n_groups = scale.shape[0]
+    if in_axis == 0:
+        grouped = q.reshape(n_groups, -1, q.shape[1]).astype(jnp.float32) * scale[:, None, :]  # [groups, group, out]
+    else:
+        grouped = q.reshape(q.shape[0], n_groups, -1).astype(jnp.float32) * scale.T[:, :, None]  # [out, groups, group]
+    return grouped.reshape(q.shape).astype(dtype)
+
+
+def dequantize_int4(packed: jax.Array, scale: jax.Array, in_axis: int, dtype=jnp.float32) -> jax.Array:
+    """(packed [in/2, out] or [out, in/2], scale [groups, out]) -> the weight in `dtype`, unpacked layout."""
+    group = 2 * packed.shape[in_axis] // scale.shape[0]
+    return _dequantize_int4_values(unpack_int4(packed, in_axis, group), scale, in_axis, dtype)
+
+
+# --------------------------------------------------------------------------- products
+
+
+def _block_size(n: int, target: int) -> int:
+    """The largest divisor of n that is at most target."""
+    return max(d for d in range(1, min(n, target) + 1) if n % d == 0)
+
+
+def _blocked_product(x: jax.Array, q: jax.Array, scale: jax.Array, in_axis: int,
+                     dequantize: Callable[[jax.Array, jax.Array], jax.Array], block: int) -> jax.Array:
+    """x [rows, in] times a quantized weight, one block at a time, float32 [rows, out].
+
+    `dequantize(q_block, scale_block)` turns one block of q (blocks along q's axis 0) and its
+    scales (blocks along scale's last axis for [out, in], axis 0 for [in, out]) into a float
+    block of the weight in q's layout. [out, in]: blocks of output channels, results
+    concatenated. [in, out]: blocks of input rows, results summed.
+    """
+    n_blocks = q.shape[0] // block
+    q_blocks = q.reshape(n_blocks, block, *q.shape[1:])
+    if in_axis == 1:
+        scale_blocks = jnp.moveaxis(scale.reshape(*scale.shape[:-1], n_blocks, -1), -2, 0)  # [blocks, ..., block]
+
+        def out_block(args):
+            w = dequantize(*args).astype(x.dtype)  # [block, in]
+            return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+        y = jax.lax.map(out_block, (q_blocks, scale_blocks))  # [blocks, rows, block]
+        return jnp.moveaxis(y, 0, 1).reshape(x.shape[0], -1)  # [rows, out]
+
+    x_blocks = jnp.moveaxis(x.reshape(x.shape[0], n_blocks, -1), 1, 0)  # [blocks, rows, in/blocks]
+    scale_blocks = scale.reshape(n_blocks, -1, *scale.shape[1:]) if scale.ndim == 2 else \
+        jnp.broadcast_to(scale, (n_blocks, *scale.shape))
+
+    def in_block(total, args):
+        x_block, q_block, scale_block = args
+        w = dequantize(q_block, scale_block).astype(x.dtype)  # [in/blocks, out]
+        return total + jax.lax.dot_general(x_block, w, (((1,), (0,)), ((), ())),
+                                           preferred_element_type=jnp.float32), None
+
+    total = jnp.zeros((x.shape[0], q.shape[1]), jnp.float32)
+    return jax.lax.scan(in_block, total, (x_blocks, q_blocks, scale_blocks))[0]
+
+
+def _flat_product(x: jax.Array, product: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """product over x [..., in] flattened to [rows, in]; the result [..., out] float32."""
+    lead = x.shape[:-1]
+    y = product(x.reshape(math.prod(lead), x.shape[-1]))  # [rows, out]
+    return y.reshape(*lead, y.shape[-1])
+
+
+def _compute_dtype(x: jax.Array):
+    return x.dtype if x.dtype in (jnp.float32, jnp.bfloat16) else jnp.float32
+
+
+def int8_product(x: jax.Array, q: jax.Array, scale: jax.Array, w_in_axis: int,
+                 block: int = OUT_BLOCK) -> jax.Array:
+    """x [..., in] (float32 or bfloat16) times the int8 weight (q [in, out] or [out, in], scale [out]):
+    float32 [..., out]. Blocked on CPU (module docstring), dequantize-then-dot elsewhere."""
+    _out_axis(w_in_axis)
+    x = x.astype(_compute_dtype(x))
+    dims = (((1,), (w_in_axis,)), ((), ()))
+    if jax.default_backend() != "cpu":
+        return _flat_product(x, lambda x2: jax.lax.dot_general(
+            x2, dequantize_int8(q, scale, w_in_axis, x.dtype), dims, preferred_element_type=jnp.float32))
+    if w_in_axis == 1:
+        dequantize = lambda q_block, s_block: dequantize_int8(q_block, s_block, 1)  # noqa: E731
+        rows_per_block = _block_size(q.shape[0], block)
+    else:  # a block of input rows scales by every output channel
+        dequantize = lambda q_block, s_block: dequantize_int8(q_block, s_block, 0)  # noqa: E731
+        rows_per_block = _block_size(q.shape[0], block * 4)
+    return _flat_product(x, lambda x2: _blocked_product(x2, q, scale, w_in_axis, dequantize, rows_per_block))
+
+
+def int4_product(x: jax.Array, packed: jax.Array, scale: jax.Array, w_in_axis: int,
+                 block: int = OUT_BLOCK) -> jax.Array:
+    """x [..., in] (float32 or bfloat16) times the packed int4 weight (packed [in/2, out] or
+    [out, in/2], scale [in / group, out]): float32 [..., out]. Blocked on CPU, as `int8_product`;
+    a [in, out] weight is walked one group of input rows (group/2 packed rows) at a time."""
+    _out_axis(w_in_axis)
+    x = x.astype(_compute_dtype(x))
+    group = 2 * packed.shape[w_in_axis] // scale.shape[0]
+    dims = (((1,), (w_in_axis,)), ((), ()))
+    if jax.default_backend() != "cpu":
+        return _flat_product(x, lambda x2: jax.lax.dot_general(
+            x2, dequantize_int4(packed, scale, w_in_axis, x.dtype), dims, preferred_element_type=jnp.float32))
+    if w_in_axis == 1:
+        dequantize = lambda p_block, s_block: dequantize_int4(p_block, s_block, 1)  # noqa: E731
+        rows_per_block = _block_size(packed.shape[0], block)
+    else:  # one group per block: scale [groups, out] splits into [1, out] per block
+        dequantize = lambda p_block, s_block: dequantize_int4(p_block, s_block, 0)  # noqa: E731
+        rows_per_block = group // 2
+    return _flat_product(x, lambda x2: _blocked_product(x2, packed, scale, w_in_axis, dequantize, rows_per_block))
+
+
+def quantized_bytes(shape: tuple[int, int], kind: str, group: int = GROUP) -> int:
+    """Bytes of a quantized [in, out] weight with its float32 scales ("int8" or "int4")."""
+    n_in, n_out = shape
+    if kind == "int8":
+        return n_in * n_out + 4 * n_out
+    if kind == "int4":
+        return n_in * n_out // 2 + 4 * (n_in // group) * n_out
+    raise ValueError(f"unknown quantization {kind!r}: expected int8 or int4")
+
+
+__all__ = ["quantize_int8", "dequantize_int8", "quantize_int4", "dequantize_int4", "pack_int4", "unpack_int4",
+           "int8_product", "int4_product", "quantized_bytes", "GROUP", "OUT_BLOCK"]

@@ -1,0 +1,98 @@
+"""bluelm_jax.quantize: int8 and group-wise int4 round trips, zero channels, and the products
+against x @ dequantize(...) in both layouts, on tiny shapes."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bluelm_jax import quantize as Q
+
+IN, OUT, GROUP = 256, 96, 64
+
+
+def weight(seed=0, in_axis=0):
+    w = np.random.default_rng(seed).standard_normal((IN, OUT)).astype(np.float32)  # [in, out]
+    return w if in_axis == 0 else w.T.copy()
+
+
+@pytest.mark.parametrize("in_axis", [0, 1])
+def test_int8_round_trip_within_half_a_step(in_axis):
+    w = weight(1, in_axis)
+    q, scale = Q.quantize_int8(w, in_axis)
+    assert q.dtype == jnp.int8 and q.shape == w.shape and scale.shape == (OUT,)
+    np.testing.assert_allclose(np.asarray(scale), np.abs(w).max(axis=in_axis) / 127, rtol=1e-6)
+    error = np.abs(np.asarray(Q.dequantize_int8(q, scale, in_axis)) - w)
+    assert (error <= np.expand_dims(np.asarray(scale), in_axis) / 2 * (1 + 1e-5)).all()
+    assert np.abs(np.asarray(q)).max() == 127  # the largest value of each channel maps to 127
+
+
+@pytest.mark.parametrize("in_axis", [0, 1])
+def test_int4_round_trip_within_half_a_step_of_its_group(in_axis):
+    w = weight(2, in_axis)
+    packed, scale = Q.quantize_int4(w, in_axis, GROUP)
+    assert packed.dtype == jnp.int8 and packed.shape[in_axis] == IN // 2 and scale.shape == (IN // GROUP, OUT)
+    w_in_out = w if in_axis == 0 else w.T
+    expected_scale = np.abs(w_in_out.reshape(IN // GROUP, GROUP, OUT)).max(axis=1) / 7
+    np.testing.assert_allclose(np.asarray(scale), expected_scale, rtol=1e-6)
+    back = np.asarray(Q.dequantize_int4(packed, scale, in_axis))
+    back_in_out = back if in_axis == 0 else back.T
+    step = np.repeat(np.asarray(scale), GROUP, axis=0)  # [in, out]
+    assert (np.abs(back_in_out - w_in_out) <= step / 2 * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("in_axis", [0, 1])
+def test_int4_packing_round_trip_and_nibble_order(in_axis):
+    values = np.random.default_rng(3).integers(-8, 8, (IN, OUT)).astype(np.int8)  # [in, out]
+    values = values if in_axis == 0 else values.T.copy()
+    packed = np.asarray(Q.pack_int4(values, in_axis, GROUP))
+    np.testing.assert_array_equal(np.asarray(Q.unpack_int4(packed, in_axis, GROUP)), values)
+    first = packed.take(0, axis=1 - in_axis).view(np.uint8)  # output channel 0: [in/2] bytes
+    column = [int(v) & 0xF for v in values.take(0, axis=1 - in_axis)]  # [in] nibbles
+    assert first[0] == column[0] | column[GROUP // 2] << 4
+    assert first[GROUP // 2] == column[GROUP] | column[GROUP + GROUP // 2] << 4
+
+
+@pytest.mark.parametrize("in_axis", [0, 1])
+def test_zero_channels_and_groups_give_zero_scales_and_no_nan(in_axis):
+    w = weight(4, 0)
+    w[:, 5] = 0.0  # a whole output channel
+    w[GROUP:2 * GROUP, 7] = 0.0  # one group of another channel
+    w = w if in_axis == 0 else w.T.copy()
+    q8, s8 = Q.quantize_int8(w, in_axis)
+    q4, s4 = Q.quantize_int4(w, in_axis, GROUP)
+    assert s8[5] == 0 and s4[1, 7] == 0 and s4[0, 5] == 0
+    for back in (Q.dequantize_int8(q8, s8, in_axis), Q.dequantize_int4(q4, s4, in_axis)):
+        back = np.asarray(back)
+        assert np.isfinite(back).all()
+        assert (back.take(5, axis=1 - in_axis) == 0).all()
+
+
+def test_bad_groups_and_axes_are_refused():
+    with pytest.raises(ValueError, match="divides the input size"):
+        Q.quantize_int4(np.ones((100, 8), np.float32), 0, 64)
+    with pytest.raises(ValueError, match="in_axis"):
+        Q.quantize_int8(np.ones((8, 8), np.float32), 2)
+
+
+@pytest.mark.parametrize("in_axis", [0, 1])
+@pytest.mark.parametrize("lead", [(1,), (5,), (2, 3)])
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_products_equal_x_times_the_dequantized_weight(kind, lead, in_axis):
+    w = weight(5, in_axis)
+    x = np.random.default_rng(6).standard_normal((*lead, IN)).astype(np.float32)
+    if kind == "int8":
+        q, scale = Q.quantize_int8(w, in_axis)
+        dense = np.asarray(Q.dequantize_int8(q, scale, in_axis))
+        y = Q.int8_product(x, q, scale, in_axis, block=32)  # several blocks of 32 output channels
+    else:
+        q, scale = Q.quantize_int4(w, in_axis, GROUP)
+        dense = np.asarray(Q.dequantize_int4(q, scale, in_axis))
+        y = Q.int4_product(x, q, scale, in_axis, block=32)
+    expected = x @ (dense if in_axis == 0 else dense.T)  # [..., out]
+    assert y.dtype == jnp.float32 and y.shape == (*lead, OUT)
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_quantized_bytes():
+    assert Q.quantized_bytes((4096, 11008), "int8") == 4096 * 11008 + 4 * 11008
+    assert Q.quantized_bytes((4096, 11008), "int4") == 4096 * 11008 // 2 + 4 * 32 * 11008
