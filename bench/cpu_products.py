@@ -12,10 +12,13 @@ offers here, and transformers' own (torch.nn.functional.linear in bfloat16, [out
   bf16 pad8 [out,in]        the WEIGHT layout's product (the same, contracting the weight's dim 1)
   convert+f32 [in,out]      the weight converted to float32 inside the program, then a float32 dot
   multiply-reduce [out,in]  x * W summed over `in`, the convert fused into the reduction
+  int8 blocked [out,in]     quantize.int8_product: int8 per output channel, dequantized 64 channels at a time
+  int4 blocked [out,in]     quantize.int4_product: packed int4, groups of 128, the same blocking
+  int8 multiply-reduce      the int8 weight's convert fused into a multiply-reduce over [out, in]
   torch bf16 [out,in]       what transformers runs (oneDNN; AMX where the processor has it)
 
-Medians of --repeats calls, each compiled beforehand. For each: ms, the weight's bytes per
-second, that as a fraction of the machine's bandwidth measured in the same run (a large numpy
+Medians of --repeats calls, each compiled beforehand. For each: ms, the bytes of the weight
+as that product stores it (bfloat16, float32, int8 or packed int4, with scales) per second, that as a fraction of the machine's bandwidth measured in the same run (a large numpy
 copy, read and write counted: see bench/decode.py), and the time over torch's.
 """
 
@@ -36,6 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.decode import copy_bandwidth  # noqa: E402
+from bluelm_jax import quantize as Q  # noqa: E402
 from bluelm_jax.model import _bf16_weight_matmul  # noqa: E402
 
 
@@ -50,7 +54,7 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def jax_formulations(w_in_out: jax.Array, w_out_in: jax.Array) -> dict:
-    """name -> (jitted f(x, w), its weight)."""
+    """name -> (jitted f(x, w), its weight (an array or a tuple of arrays, passed as f(x, *w)))."""
     f32 = jnp.float32
     dims = lambda w_in_axis: (((1,), (w_in_axis,)), ((), ()))  # noqa: E731
     return {
@@ -61,7 +65,25 @@ def jax_formulations(w_in_out: jax.Array, w_out_in: jax.Array) -> dict:
         "bf16 pad8 [out,in]": (jax.jit(lambda x, w: _bf16_weight_matmul(x, w, 1)), w_out_in),
         "convert+f32 [in,out]": (jax.jit(lambda x, w: x @ w.astype(f32)), w_in_out),
         "multiply-reduce [out,in]": (jax.jit(lambda x, w: jnp.sum(x[:, None, :] * w.astype(f32), axis=-1)), w_out_in),
+        **quantized_formulations(w_out_in),
     }
+
+
+def quantized_formulations(w_out_in: jax.Array) -> dict:
+    """The int8 and int4 products of bluelm_jax.quantize on the weight quantized [out, in]."""
+    int8 = Q.quantize_int8(w_out_in, 1)  # (q [out, in] int8, scale [out])
+    int4 = Q.quantize_int4(w_out_in, 1)  # (packed [out, in/2] int8, scale [in/128, out])
+    multiply_reduce = lambda x, q, s: jnp.sum(x[:, None, :] * q.astype(jnp.float32), axis=-1) * s  # noqa: E731
+    return {
+        "int8 blocked [out,in]": (jax.jit(lambda x, q, s: Q.int8_product(x, q, s, 1)), int8),
+        "int4 blocked [out,in]": (jax.jit(lambda x, q, s: Q.int4_product(x, q, s, 1)), int4),
+        "int8 multiply-reduce [out,in]": (jax.jit(multiply_reduce), int8),
+    }
+
+
+def stored_bytes(weight) -> int:
+    """Bytes of a weight as a product reads it: one array or a tuple (quantized values, scales)."""
+    return sum(a.nbytes for a in (weight if isinstance(weight, tuple) else (weight,)))
 
 
 def main() -> None:
@@ -82,18 +104,20 @@ def main() -> None:
     print(f"weight [{n_in}, {n_out}] bfloat16 ({weight_bytes / 1e6:.0f} MB); copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}, "
           f"{os.cpu_count()} cores")
-    print("| rows | product | ms | GB/s of weight | of bandwidth | / torch |\n|---|---|---|---|---|---|")
+    print("| rows | product | ms | GB/s of stored weight | of bandwidth | / torch |\n|---|---|---|---|---|---|")
     formulations = jax_formulations(w_in_out, w_out_in)
     for rows in args.rows:
         x = rng.standard_normal((rows, n_in), np.float32)
         x_torch = torch.from_numpy(x).to(torch.bfloat16)
         with torch.no_grad():
             torch_ms = median_ms(lambda: torch.nn.functional.linear(x_torch, w_torch), args.repeats)
-        times = {name: median_ms(lambda: f(jnp.asarray(x), w).block_until_ready(), args.repeats)
+        times = {name: median_ms(lambda: f(jnp.asarray(x), *(w if isinstance(w, tuple) else (w,))).block_until_ready(),
+                                 args.repeats)
                  for name, (f, w) in formulations.items()}
         times["torch bf16 [out,in]"] = torch_ms
+        sizes = {name: stored_bytes(w) for name, (_, w) in formulations.items()}
         for name, ms in times.items():
-            rate = weight_bytes / (ms / 1e3)
+            rate = sizes.get(name, weight_bytes) / (ms / 1e3)
             print(f"| {rows} | {name} | {ms:.1f} | {rate / 1e9:.1f} | {rate / bandwidth:.2f} | {ms / torch_ms:.2f} |",
                   flush=True)
 
