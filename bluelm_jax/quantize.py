@@ -194,23 +194,29 @@ def _compute_dtype(x: jax.Array):
     return x.dtype if x.dtype in (jnp.float32, jnp.bfloat16) else jnp.float32
 
 
+def _quantized_product(x: jax.Array, q: jax.Array, scale: jax.Array, w_in_axis: int, dequantize: Callable,
+                       rows_per_block: int) -> jax.Array:
+    """x [..., in] times a quantized weight q with its scales: float32 [..., out].
+    dequantize(q, scale, in_axis, dtype): the float weight, whole or one block of q's axis 0 with its
+    scales. On CPU blocked (`_blocked_product`, `rows_per_block` rows of q at a time), elsewhere
+    dequantize-then-dot."""
+    x = x.astype(_compute_dtype(x))
+    if jax.default_backend() != "cpu":
+        dims = (((1,), (w_in_axis,)), ((), ()))
+        return _flat_product(x, lambda x2: jax.lax.dot_general(
+            x2, dequantize(q, scale, w_in_axis, x.dtype), dims, preferred_element_type=jnp.float32))
+    block_dequantize = lambda q_block, s_block: dequantize(q_block, s_block, w_in_axis)  # noqa: E731
+    return _flat_product(x, lambda x2: _blocked_product(x2, q, scale, w_in_axis, block_dequantize, rows_per_block))
+
+
 def int8_product(x: jax.Array, q: jax.Array, scale: jax.Array, w_in_axis: int,
                  block: int = OUT_BLOCK) -> jax.Array:
     """x [..., in] (float32 or bfloat16) times the int8 weight (q [in, out] or [out, in], scale [out]):
     float32 [..., out]. Blocked on CPU (module docstring), dequantize-then-dot elsewhere."""
     _out_axis(w_in_axis)
-    x = x.astype(_compute_dtype(x))
-    dims = (((1,), (w_in_axis,)), ((), ()))
-    if jax.default_backend() != "cpu":
-        return _flat_product(x, lambda x2: jax.lax.dot_general(
-            x2, dequantize_int8(q, scale, w_in_axis, x.dtype), dims, preferred_element_type=jnp.float32))
-    if w_in_axis == 1:
-        dequantize = lambda q_block, s_block: dequantize_int8(q_block, s_block, 1)  # noqa: E731
-        rows_per_block = _block_size(q.shape[0], block)
-    else:  # a block of input rows scales by every output channel
-        dequantize = lambda q_block, s_block: dequantize_int8(q_block, s_block, 0)  # noqa: E731
-        rows_per_block = _block_size(q.shape[0], block * 4)
-    return _flat_product(x, lambda x2: _blocked_product(x2, q, scale, w_in_axis, dequantize, rows_per_block))
+    # [in, out]: a block of input rows scales by every output channel, so its blocks are longer
+    rows_per_block = _block_size(q.shape[0], block if w_in_axis == 1 else block * 4)
+    return _quantized_product(x, q, scale, w_in_axis, dequantize_int8, rows_per_block)
 
 
 def int4_product(x: jax.Array, packed: jax.Array, scale: jax.Array, w_in_axis: int,
@@ -219,19 +225,10 @@ def int4_product(x: jax.Array, packed: jax.Array, scale: jax.Array, w_in_axis: i
     [out, in/2], scale [in / group, out]): float32 [..., out]. Blocked on CPU, as `int8_product`;
     a [in, out] weight is walked one group of input rows (group/2 packed rows) at a time."""
     _out_axis(w_in_axis)
-    x = x.astype(_compute_dtype(x))
     group = 2 * packed.shape[w_in_axis] // scale.shape[0]
-    dims = (((1,), (w_in_axis,)), ((), ()))
-    if jax.default_backend() != "cpu":
-        return _flat_product(x, lambda x2: jax.lax.dot_general(
-            x2, dequantize_int4(packed, scale, w_in_axis, x.dtype), dims, preferred_element_type=jnp.float32))
-    if w_in_axis == 1:
-        dequantize = lambda p_block, s_block: dequantize_int4(p_block, s_block, 1)  # noqa: E731
-        rows_per_block = _block_size(packed.shape[0], block)
-    else:  # one group per block: scale [groups, out] splits into [1, out] per block
-        dequantize = lambda p_block, s_block: dequantize_int4(p_block, s_block, 0)  # noqa: E731
-        rows_per_block = group // 2
-    return _flat_product(x, lambda x2: _blocked_product(x2, packed, scale, w_in_axis, dequantize, rows_per_block))
+    # [in, out]: one group per block, so scale [groups, out] splits into [1, out] per block
+    rows_per_block = _block_size(packed.shape[0], block) if w_in_axis == 1 else group // 2
+    return _quantized_product(x, packed, scale, w_in_axis, dequantize_int4, rows_per_block)
 
 
 def quantized_bytes(shape: tuple[int, int], kind: str, group: int = GROUP) -> int:
