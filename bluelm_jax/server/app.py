@@ -145,9 +145,16 @@ class Server:
         return list(prompt)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, choices: list[Choice]) -> dict:
+    """OpenAI usage of a response: its prompt tokens and the tokens its choices generated."""
+    completion_tokens = sum(len(c.completion_ids) for c in choices)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _prompt_tokens(parsed: schema.CompletionRequest, prompt_ids: list[list[int]]) -> int:
+    """A completion request's prompt tokens: every prompt counts once per choice (n)."""
+    return sum(len(ids) for ids in prompt_ids) * parsed.sampling.n
 
 
 def _sse(obj) -> dict:
@@ -215,8 +222,7 @@ async def chat_stream(server: Server, parsed: schema.ChatRequest, choices: list[
             else:
                 yield item
         if parsed.include_usage:
-            completion = sum(len(c.completion_ids) for c in choices)
-            yield _sse({**chunk_base, "choices": [], "usage": _usage(prompt_tokens, completion)})
+            yield _sse({**chunk_base, "choices": [], "usage": _usage(prompt_tokens, choices)})
         yield {"data": "[DONE]"}
     finally:
         for t in tasks:
@@ -329,8 +335,7 @@ def create_app(engine, model, served_model_name: str, api_key: Optional[str] = N
         for i, (choice, text) in enumerate(zip(choices, texts)):
             message, finish = chat_message(text, bool(parsed.tools), choice.finish_reason)
             out.append({"index": i, "message": message, "finish_reason": finish, "logprobs": None})
-        completion = sum(len(c.completion_ids) for c in choices)
-        return {**base, "object": "chat.completion", "choices": out, "usage": _usage(len(prompt_ids), completion)}
+        return {**base, "object": "chat.completion", "choices": out, "usage": _usage(len(prompt_ids), choices)}
 
     @app.post("/v1/completions", dependencies=[Depends(require_key)])
     async def completions(request: Request):
@@ -359,15 +364,13 @@ def create_app(engine, model, served_model_name: str, api_key: Optional[str] = N
             return EventSourceResponse(completion_stream(server, parsed, prompt_ids, choices, base), ping=15)
         flat = [c for row in choices for c in row if c is not None]
         texts = iter(await server.collect(request, flat)) if flat else iter(())
-        out, completion = [], 0
+        out = []
         for p, (prompt, ids, row) in enumerate(zip(parsed.prompts, prompt_ids, choices)):
             for j, choice in enumerate(row):
                 text = next(texts) if choice is not None else ""
                 item = await completion_choice(server, parsed, prompt, ids, choice, text)
                 out.append({**item, "index": p * parsed.sampling.n + j})
-                completion += len(choice.completion_ids) if choice is not None else 0
-        prompt_tokens = sum(len(ids) for ids in prompt_ids) * parsed.sampling.n
-        return {**base, "choices": out, "usage": _usage(prompt_tokens, completion)}
+        return {**base, "choices": out, "usage": _usage(_prompt_tokens(parsed, prompt_ids), flat)}
 
     app.add_middleware(CountRequests, metrics=server.metrics)
     return app
@@ -396,9 +399,7 @@ async def completion_stream(server: Server, parsed: schema.CompletionRequest, pr
                 server.metrics.observe(choice)
                 yield event("", choice.finish_reason)
         if parsed.include_usage:
-            completion = sum(len(c.completion_ids) for c in all_choices)
-            prompt_tokens = sum(len(ids) for ids in prompt_ids) * parsed.sampling.n
-            yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion)})
+            yield _sse({**base, "choices": [], "usage": _usage(_prompt_tokens(parsed, prompt_ids), all_choices)})
         yield {"data": "[DONE]"}
     finally:
         Server._cancel(all_choices)
