@@ -48,8 +48,9 @@ from orbax.checkpoint import type_handlers
 
 from bluelm_jax.atomic_dir import atomic_directory
 from bluelm_jax.config import BlueLMConfig
-from bluelm_jax.params import (KERNEL, PathT, flatten, get_path, param_shapes, path_in, path_name,
-                               require_kernel_layout, set_path)
+from bluelm_jax import quantize as Q
+from bluelm_jax.params import (KERNEL, PathT, Quantization, flatten, get_path, leaves, param_shapes, path_in,
+                               path_name, require_kernel_layout, set_path)
 from bluelm_jax.sharding import transposed_sharding
 
 FORMAT_NAME = "bluelm-jax"
@@ -235,31 +236,43 @@ def _leaf_sharding(shardings: Shardings, path: PathT) -> jax.sharding.Sharding:
     return get_path(shardings, path)
 
 
-def abstract_params(config: BlueLMConfig, dtype: Any, shardings: Shardings = None) -> dict:
+def abstract_params(config: BlueLMConfig, dtype: Any, shardings: Shardings = None,
+                    quantization: Optional[Quantization] = None) -> dict:
     """The parameter tree as jax.ShapeDtypeStructs with shardings (the one abstract tree: the
-    target of every restore, and the jit shardings of training).
+    target of every restore, and the jit shardings of training), KERNEL layout, quantized by
+    `quantization` (its quantized leaves keep their own dtypes).
 
     shardings: None (first device), one Sharding for every leaf, or a tree of Shardings
     shaped like the parameters (e.g. NamedShardings of a mesh).
     """
     dtype = jnp.dtype(dtype_name(dtype))
     tree: dict = {}
-    for path, shape in flatten(param_shapes(config)):
-        set_path(tree, path, jax.ShapeDtypeStruct(shape, dtype, sharding=_leaf_sharding(shardings, path)))
+    for leaf in leaves(config, KERNEL, quantization):
+        set_path(tree, leaf.path, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype or dtype,
+                                                       sharding=_leaf_sharding(shardings, leaf.path)))
     return tree
+
+
+def stored_quantization(directory: str | os.PathLike) -> Optional[Quantization]:
+    """The quantization a converted directory was written with (bluelm_jax.json), or None."""
+    stored = read_metadata(directory).get("quantization")
+    try:
+        return None if stored is None else Quantization.from_json(stored)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{os.path.join(directory, METADATA_FILE)}: bad quantization {stored!r}: {e}") from None
 
 
 # ------------------------------------------------------------------ restore
 
 
-def _check_stored_shapes(params_dir: str, config: BlueLMConfig) -> None:
+def _check_stored_shapes(params_dir: str, config: BlueLMConfig, quantization: Optional[Quantization]) -> None:
     """The stored leaves must be exactly those of `config`; raises CheckpointError naming the first mismatch."""
     try:
         with finishing_orbax_tasks(), contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
             stored = handler.metadata(epath.Path(params_dir)).tree  # raises, unlike Checkpointer.metadata
     except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged directory
         raise damaged(os.path.dirname(params_dir), e) from None
-    expected = {path_name(path): shape for path, shape in flatten(param_shapes(config))}
+    expected = {path_name(path): shape for path, shape in flatten(param_shapes(config, KERNEL, quantization))}
     got = {}
     for path, leaf in flatten(_as_dict(stored)):  # Orbax's metadata names layers "0", "1", ...
         got[path_name(path)] = tuple(getattr(leaf, "shape", ()))
@@ -281,9 +294,14 @@ def _as_dict(tree: Any) -> Any:
 
 
 def restore_params(directory: str | os.PathLike, config: BlueLMConfig, dtype: Any = None,
-                   shardings: Shardings = None, layout: str = KERNEL) -> dict:
+                   shardings: Shardings = None, layout: str = KERNEL,
+                   quantize: Optional[Quantization] = None) -> dict:
     """Restores <directory>/params into arrays of `dtype` (default: as stored) placed by `shardings`
-    (a tree in the KERNEL layout), with the projections in `layout` (params.py).
+    (a tree in the KERNEL layout, quantized as stored), with the projections in `layout` (params.py).
+    A directory converted with a quantization (`stored_quantization`) restores its quantized
+    leaves as stored; `quantize` must then be None or the same. From a float directory, `quantize`
+    quantizes each projection as soon as it is read (quantize.quantize_leaf), so no more than one
+    float projection is ever held.
 
     Leaves are read one at a time, each straight into its target sharding: every process
     reads only the shards of its own devices, and a shard is read in blocks of at most
@@ -296,15 +314,22 @@ def restore_params(directory: str | os.PathLike, config: BlueLMConfig, dtype: An
     params_dir = os.path.abspath(os.path.join(directory, PARAMS_DIR))
     if not os.path.isdir(params_dir):
         raise CheckpointError(f"{directory}: no {PARAMS_DIR}/ directory")
-    _check_stored_shapes(params_dir, config)
-    target = abstract_params(config, dtype or meta["param_dtype"], shardings)
+    stored = stored_quantization(directory)
+    if stored is not None and quantize not in (None, stored):
+        raise CheckpointError(f"{directory}: converted with {stored.kind} quantization ({stored.describe()}), "
+                              f"cannot load it as {quantize.describe()}")
+    _check_stored_shapes(params_dir, config, stored)
+    target = abstract_params(config, dtype or meta["param_dtype"], shardings, stored)
     return_large_frees_to_the_os()
     context = ts.Context()  # one cache of the OCDBT manifest for all leaves
     params: dict = {}
     try:
         for path, leaf in flatten(target):
             store = _open_stored_leaf(params_dir, path, context)
-            if path_in(path, layout) == path:
+            if quantize is not None and stored is None and quantize.covers(path):
+                set_path(params, path, read_leaf(store, leaf, params_dir, path))
+                Q.quantize_leaf(params, path, quantize)
+            elif path_in(path, layout) == path:
                 set_path(params, path, read_leaf(store, leaf, params_dir, path))
             else:
                 leaf = jax.ShapeDtypeStruct(leaf.shape[::-1], leaf.dtype, sharding=transposed_sharding(leaf.sharding))

@@ -100,6 +100,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="parameter and compute dtype (default: float32 on CPU, bfloat16 compute on GPU/TPU)")
     p.add_argument("--mesh", default=None, metavar="SPEC",
                    help="shard the model over a device mesh, e.g. 'data=1,tensor=8' (default: one device)")
+    p.add_argument("--quantize", default=None, choices=("int8", "int4"),
+                   help="quantize the projections as they load (weight-only: int8 per output channel, int4 in "
+                        "groups of 128); a checkpoint converted with --quantize loads quantized without it")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, *, max_new: int, temperature: float, top_p: float,
@@ -172,6 +175,8 @@ def _load(args):
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
     if mesh is not None:
         kwargs["mesh"] = mesh
+    if args.quantize is not None:
+        kwargs["quantize"] = args.quantize
     if args.model is None:
         from bluelm_jax import default_model
 

@@ -51,6 +51,11 @@ class BlueLM:
         return P.layout_of(self.params)
 
     @property
+    def quantization(self) -> Optional[P.Quantization]:
+        """How the projections are quantized (params.Quantization), or None."""
+        return P.quantization_of(self.params)
+
+    @property
     def module(self) -> BlueLMForCausalLM:
         """The BlueLMForCausalLM module tree over `params` (built on each access; no copy)."""
         return build(self.config, self.params, self.compute_dtype)
@@ -74,8 +79,11 @@ class BlueLM:
         return logits
 
     def __repr__(self) -> str:
-        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+        n = sum(int(np.prod(shape)) for _, shape in P.flatten(P.param_shapes(self.config)))  # as if float
         layout = " (weight layout: projections [out, in])" if self.layout == P.WEIGHT else ""
+        quantization = self.quantization
+        if quantization is not None:
+            layout += f", {quantization.kind} projections"
         return (f"BlueLM({self.path!r}, {n:,} parameters, params {self.param_dtype.name}{layout}, "
                 f"compute {jnp.dtype(self.compute_dtype).name})")
 
@@ -98,7 +106,8 @@ _forward_jit = jax.jit(forward, static_argnames=("config", "compute_dtype"))
 
 
 def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
-         shardings: checkpoint.Shardings = None, mesh: Any = None, layout: Optional[str] = None) -> BlueLM:
+         shardings: checkpoint.Shardings = None, mesh: Any = None, layout: Optional[str] = None,
+         quantize: "P.Quantization | str | None" = None) -> BlueLM:
     """Loads a converted bluelm-jax directory, or a Hugging Face directory (converted in memory),
     or a Hugging Face Hub repo id such as "vivo-ai/BlueLM-7B-Chat" (`hub.resolve`).
 
@@ -110,6 +119,10 @@ def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
     layout: how projections are stored (params.py): "kernel" [in, out] for training, or
     "weight" [out, in]; default "weight" for bfloat16 weights under float32 compute on CPU
     (its bfloat16 products are about twice as fast there), else "kernel" (`layout.inference_layout`).
+    quantize: "int8", "int4" or a params.Quantization: weight-only quantized projections
+    (quantize.py), each quantized as it is read (from a Hugging Face dir, a block of output
+    channels at a time), so no float copy of the model is ever held. A directory converted
+    with `--quantize` loads quantized as stored.
     Host memory peaks at about the parameters' bytes plus a few read blocks: leaves are read
     one at a time into their shards (see `checkpoint.read_leaf`), transposed block by block
     into the WEIGHT layout.
@@ -124,18 +137,21 @@ def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
     from bluelm_jax.tokenizer import BlueLMTokenizer
 
     tokenizer = BlueLMTokenizer(tokenizer_file)
+    quantization = P.as_quantization(quantize)
+    compute = jnp.dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype()
+    converted = checkpoint.is_converted_dir(path)
+    stored = checkpoint.stored_quantization(path) if converted else None
     if mesh is not None:
         from bluelm_jax import sharding
 
-        shardings = sharding.param_shardings(config, mesh)
-    compute = jnp.dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype()
-    converted = checkpoint.is_converted_dir(path)
+        # a float directory is read in float shardings and each projection quantized into its own
+        shardings = sharding.param_shardings(config, mesh, stored if converted else quantization)
     layout = P.check_layout(layout) if layout is not None else inference_layout(
         _param_dtype(path, dtype, converted), compute)
     if converted:
-        params = checkpoint.restore_params(path, config, dtype, shardings, layout)
+        params = checkpoint.restore_params(path, config, dtype, shardings, layout, quantization)
     else:
-        params = _load_hf(path, config, dtype, shardings, layout)
+        params = _load_hf(path, config, dtype, shardings, layout, quantization)
     return BlueLM(config, tokenizer, params, compute, path, mesh)
 
 
@@ -151,7 +167,8 @@ def _param_dtype(path: str, dtype: Any, converted: bool) -> jnp.dtype:
     return jnp.dtype(resolve_dtype(None, HFCheckpoint(path)))
 
 
-def _load_hf(path: str, config: BlueLMConfig, dtype: Any, shardings: checkpoint.Shardings, layout: str) -> dict:
+def _load_hf(path: str, config: BlueLMConfig, dtype: Any, shardings: checkpoint.Shardings, layout: str,
+             quantization: Optional[P.Quantization] = None) -> dict:
     """Reads a Hugging Face dir into host memory, its projections in `layout`, then places leaf
     by leaf, freeing each host copy (a WEIGHT-layout projection where its kernel would go, with
     the mesh axes swapped).
@@ -160,8 +177,9 @@ def _load_hf(path: str, config: BlueLMConfig, dtype: Any, shardings: checkpoint.
     """
     from bluelm_jax.hf.to_orbax import load_hf_params
 
-    host = load_hf_params(path, config, None if dtype is None else checkpoint.dtype_name(dtype), layout)
-    abstract = checkpoint.abstract_params(config, host["model"]["embed_tokens"]["embedding"].dtype, shardings)
+    host = load_hf_params(path, config, None if dtype is None else checkpoint.dtype_name(dtype), layout, quantization)
+    abstract = checkpoint.abstract_params(config, host["model"]["embed_tokens"]["embedding"].dtype, shardings,
+                                          quantization)
     params: dict = {}
     for kernel_path, target in list(flatten(abstract)):
         leaf_path = P.path_in(kernel_path, layout)

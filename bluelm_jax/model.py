@@ -12,7 +12,8 @@
         norm: RMSNorm
       lm_head: nnx.Linear                    [hidden, vocab]
 
-In the WEIGHT layout (params.py) every nnx.Linear is a `TorchLinear` holding `weight` [out, in].
+In the WEIGHT layout (params.py) every nnx.Linear is a `TorchLinear` holding `weight` [out, in];
+in a quantized tree (params.Quantization) the projections it covers are `QuantizedLinear`s.
 
 BlueLM is LLaMA plus a LayerNorm on the token embeddings. Every weight is declared in
 params.py's table, which gives its shape and its logical axes; the axes are the weight's
@@ -53,6 +54,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
 from bluelm_jax import params as P
+from bluelm_jax import quantize as Q
 from bluelm_jax.attention import attention
 from bluelm_jax.config import BlueLMConfig
 from bluelm_jax.rope import apply_rope, sin_cos
@@ -244,10 +246,37 @@ class TorchLinear(nnx.Module):
         return projection_product(x, weight, (((x.ndim - 1,), (1,)), ((), ())), **kwargs)
 
 
+class QuantizedLinear(nnx.Module):
+    """A bias-free projection with weight-only quantized weights (params.Quantization): `qvalue`
+    (int8 [out, in], or int4 packed two a byte [out, in / 2]), `scale`, and for GPTQ/AWQ int4
+    `offset`. The product (quantize.int8_product / int4_product) dequantizes inside the compiled
+    step, a block of output channels at a time on CPU, fused into the dot elsewhere; the float
+    weight never exists whole. It returns the compute dtype (float32 with preferred_element_type)."""
+
+    def __init__(self, weight: P.Weight, config: BlueLMConfig, quantization: P.Quantization, *, dtype,
+                 preferred_element_type=None):
+        for name, (shape, axes, leaf_dtype) in quantization.leaves(weight, config).items():
+            setattr(self, name, nnx.Param(jnp.zeros(shape, leaf_dtype), out_sharding=axes, eager_sharding=False))
+        self.kind, self.dtype, self.preferred_element_type = quantization.kind, dtype, preferred_element_type
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., in] -> [..., out]."""
+        x = x.astype(self.dtype)
+        if self.kind == "int8":
+            y = Q.int8_product(x, self.qvalue[...], self.scale[...], 1)
+        else:
+            offset = getattr(self, P.OFFSET, None)
+            y = Q.int4_product(x, self.qvalue[...], self.scale[...], 1, offset=None if offset is None else offset[...])
+        return y if self.preferred_element_type is not None else y.astype(self.dtype)  # y is float32
+
+
 def _linear(weight: P.Weight, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs, layout: str,
-            **kwargs) -> nnx.Linear | TorchLinear:
-    """The bias-free projection of a declared [in, out] kernel, computing with `projection_product`:
-    an nnx.Linear in the KERNEL layout, a TorchLinear in the WEIGHT layout."""
+            quantization: Optional[P.Quantization] = None, **kwargs) -> nnx.Linear | TorchLinear | QuantizedLinear:
+    """The bias-free projection of a declared [in, out] kernel: a QuantizedLinear where `quantization`
+    covers it, else (computing with `projection_product`) an nnx.Linear in the KERNEL layout and a
+    TorchLinear in the WEIGHT layout."""
+    if quantization is not None and quantization.covers(weight.path):
+        return QuantizedLinear(weight, config, quantization, dtype=dtype, **kwargs)
     fan_in, fan_out = P.shape_of(weight, config)
     if layout == P.WEIGHT:
         return TorchLinear(fan_in, fan_out, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
@@ -290,10 +319,11 @@ def _project(linear: nnx.Linear, name: str, h: jax.Array, layer: int, adapters: 
 class Attention(nnx.Module):
     """Multi-head attention with grouped KV heads and rotary positions; the cache is passed through."""
 
-    def __init__(self, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs, layout: str):
+    def __init__(self, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs, layout: str,
+                 quantization: Optional[P.Quantization]):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(self, name, _linear(P.layer_weight(("self_attn", name, P.KERNEL)), config, dtype, param_dtype,
-                                        rngs, layout))
+                                        rngs, layout, quantization))
         self.config = config
 
     def __call__(self, h: jax.Array, ctx: Context, kv: Optional[tuple], layer: int) -> tuple[jax.Array, Optional[tuple]]:
@@ -320,10 +350,11 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """down(silu(gate(h)) * up(h))."""
 
-    def __init__(self, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs, layout: str):
+    def __init__(self, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs, layout: str,
+                 quantization: Optional[P.Quantization]):
         for name in ("gate_proj", "up_proj", "down_proj"):
             setattr(self, name, _linear(P.layer_weight(("mlp", name, P.KERNEL)), config, dtype, param_dtype, rngs,
-                                        layout))
+                                        layout, quantization))
 
     def __call__(self, h: jax.Array, ctx: Context, layer: int) -> jax.Array:
         project = functools.partial(_project, layer=layer, adapters=ctx.adapters)
@@ -335,12 +366,13 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm attention and MLP blocks, each added to the residual stream."""
 
-    def __init__(self, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs, layout: str):
+    def __init__(self, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs, layout: str,
+                 quantization: Optional[P.Quantization]):
         self.input_layernorm = RMSNorm(P.layer_weight(("input_layernorm", "weight")), config, param_dtype)
-        self.self_attn = Attention(config, dtype, param_dtype, rngs, layout)
+        self.self_attn = Attention(config, dtype, param_dtype, rngs, layout, quantization)
         self.post_attention_layernorm = RMSNorm(P.layer_weight(("post_attention_layernorm", "weight")), config,
                                                 param_dtype)
-        self.mlp = MLP(config, dtype, param_dtype, rngs, layout)
+        self.mlp = MLP(config, dtype, param_dtype, rngs, layout, quantization)
 
     def __call__(self, x: jax.Array, ctx: Context, kv: Optional[tuple], layer: int) -> tuple[jax.Array, Optional[tuple]]:
         """x: [batch, seq, hidden] in the compute dtype; `layer` is this layer's index (static)."""
@@ -369,14 +401,15 @@ def _run_layer(layer: DecoderLayer, x: jax.Array, ctx: Context, kv: Optional[tup
 class BlueLMModel(nnx.Module):
     """Embedding (and its LayerNorm), the decoder layers, the final norm."""
 
-    def __init__(self, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs, layout: str):
+    def __init__(self, config: BlueLMConfig, dtype, param_dtype, rngs: nnx.Rngs, layout: str,
+                 quantization: Optional[P.Quantization]):
         embedding = P.top_weight(("model", "embed_tokens", "embedding"))
         self.embed_tokens = nnx.Embed(*P.shape_of(embedding, config), param_dtype=param_dtype,
                                       promote_dtype=keep_table_dtype, embedding_init=nnx.initializers.normal(INIT_STD),
                                       embedding_metadata=_metadata(embedding), rngs=rngs)
         self.embed_layer_norm = (LayerNorm(("model", "embed_layer_norm"), config, param_dtype)
                                  if config.use_stable_embedding else None)
-        self.layers = nnx.List([DecoderLayer(config, dtype, param_dtype, rngs, layout)
+        self.layers = nnx.List([DecoderLayer(config, dtype, param_dtype, rngs, layout, quantization)
                                 for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(P.top_weight(("model", "norm", "weight")), config, param_dtype)
         self.config, self.dtype = config, dtype
@@ -413,13 +446,15 @@ class BlueLMForCausalLM(nnx.Module):
     """The decoder and its language-model head; call it for logits (see `__call__`)."""
 
     def __init__(self, config: BlueLMConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: Optional[nnx.Rngs] = None, layout: str = P.KERNEL):
+                 rngs: Optional[nnx.Rngs] = None, layout: str = P.KERNEL,
+                 quantization: Optional[P.Quantization] = None):
         """dtype: the compute dtype of the products; param_dtype: of fresh weights; rngs: their init;
-        layout: how projections are stored (params.py: KERNEL [in, out] or WEIGHT [out, in])."""
+        layout: how projections are stored (params.py: KERNEL [in, out] or WEIGHT [out, in]);
+        quantization: the projections it covers are QuantizedLinear (params.Quantization), zeros."""
         rngs = nnx.Rngs(0) if rngs is None else rngs
-        self.model = BlueLMModel(config, dtype, param_dtype, rngs, P.check_layout(layout))
+        self.model = BlueLMModel(config, dtype, param_dtype, rngs, P.check_layout(layout), quantization)
         self.lm_head = _linear(P.top_weight(("lm_head", P.KERNEL)), config, dtype, param_dtype, rngs, layout,
-                               preferred_element_type=jnp.float32)
+                               quantization, preferred_element_type=jnp.float32)
         self.config = config
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Optional[KVCache] = None,
@@ -450,19 +485,21 @@ class BlueLMForCausalLM(nnx.Module):
 
 
 def abstract_model(config: BlueLMConfig, compute_dtype=jnp.float32, param_dtype=jnp.float32,
-                   layout: str = P.KERNEL) -> BlueLMForCausalLM:
+                   layout: str = P.KERNEL, quantization: Optional[P.Quantization] = None) -> BlueLMForCausalLM:
     """The module tree with jax.ShapeDtypeStructs for weights (nothing allocated).
 
     (Not `nnx.eval_shape`: under an ambient mesh it would read the logical axes as mesh axes.)"""
-    graph, state = jax.eval_shape(lambda: nnx.split(BlueLMForCausalLM(config, dtype=compute_dtype,
-                                                                      param_dtype=param_dtype, layout=layout)))
+    graph, state = jax.eval_shape(lambda: nnx.split(BlueLMForCausalLM(
+        config, dtype=compute_dtype, param_dtype=param_dtype, layout=layout, quantization=quantization)))
     return nnx.merge(graph, state)
 
 
 @functools.lru_cache(maxsize=32)
-def graphdef(config: BlueLMConfig, compute_dtype=jnp.float32, layout: str = P.KERNEL) -> nnx.GraphDef:
-    """The static structure of the tree (what `nnx.merge` rebuilds it from), one per config, dtype and layout."""
-    return nnx.split(abstract_model(config, jnp.dtype(compute_dtype), layout=layout))[0]
+def graphdef(config: BlueLMConfig, compute_dtype=jnp.float32, layout: str = P.KERNEL,
+             quantization: Optional[P.Quantization] = None) -> nnx.GraphDef:
+    """The static structure of the tree (what `nnx.merge` rebuilds it from), one per config, dtype,
+    layout and quantization."""
+    return nnx.split(abstract_model(config, jnp.dtype(compute_dtype), layout=layout, quantization=quantization))[0]
 
 
 def init_params(config: BlueLMConfig, seed: int = 0, param_dtype=jnp.float32) -> dict:
@@ -472,9 +509,10 @@ def init_params(config: BlueLMConfig, seed: int = 0, param_dtype=jnp.float32) ->
 
 
 def build(config: BlueLMConfig, params: dict, compute_dtype=jnp.float32) -> BlueLMForCausalLM:
-    """The module tree holding `params` (a state dict as in params.py, in either layout; arrays
-    are shared, not copied)."""
-    return nnx.merge(graphdef(config, jnp.dtype(compute_dtype), P.layout_of(params)), params)
+    """The module tree holding `params` (a state dict as in params.py, in either layout, quantized or
+    not: both read from its leaves; arrays are shared, not copied)."""
+    return nnx.merge(graphdef(config, jnp.dtype(compute_dtype), P.layout_of(params), P.quantization_of(params)),
+                     params)
 
 
 def forward(params: dict, tokens: jax.Array, positions: jax.Array, config: BlueLMConfig,

@@ -52,6 +52,85 @@ def check_layout(layout: str) -> str:
 
 LAYERS = ("model", "layers")  # the per-layer weights live under model/layers/{i}/
 
+# The leaves of a quantized projection (`Quantization`), always [out, in] like PyTorch's weight.
+QVALUE, SCALE, OFFSET = "qvalue", "scale", "offset"
+QUANTIZED_LEAVES = (QVALUE, SCALE, OFFSET)
+QUANTIZATION_KINDS = ("int8", "int4")
+INT4_GROUP = 128  # int4 inputs per scale by default
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """How a tree's projections are quantized (weight-only; activations stay float).
+
+    Every layer projection, and `lm_head` with `lm_head`, replaces its one float leaf by:
+
+        int8: qvalue int8 [out, in],        scale float32 [out]            w = q * scale
+        int4: qvalue int8 [out, in / 2],    scale float32 [in / group, out] w = q * scale (+ offset)
+              (two signed nibbles a byte, quantize.pack_int4's order), and with `offsets`
+              offset float32 [in / group, out]: GPTQ/AWQ zero points folded in.
+
+    Quantized leaves are [out, in] whatever the layout of the float leaves: a row is an
+    output channel, so a converter quantizes a PyTorch tensor's row blocks as they stream
+    and the CPU products dequantize blocks of output channels (quantize.py). A tree's
+    quantization shows in its leaves (`quantization_of`).
+    """
+
+    kind: str  # "int8" or "int4"
+    group: int | None = None  # int4: inputs per scale (default INT4_GROUP); None for int8
+    lm_head: bool = False  # quantize the head too
+    offsets: bool = False  # int4 only: an offset leaf per group (GPTQ/AWQ zero points)
+
+    def __post_init__(self):
+        if self.kind not in QUANTIZATION_KINDS:
+            raise ValueError(f"unknown quantization {self.kind!r} (one of {', '.join(QUANTIZATION_KINDS)})")
+        if self.kind == "int8":
+            if self.offsets:
+                raise ValueError("int8 quantization has no offsets")
+            object.__setattr__(self, "group", None)
+        elif self.group is None:
+            object.__setattr__(self, "group", INT4_GROUP)
+        elif isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 2 or self.group % 2:
+            raise ValueError(f"int4 group must be an even integer >= 2, got {self.group!r}")
+
+    def covers(self, path: PathT) -> bool:
+        """Whether the projection leaf (or module) at `path` is quantized: every layer projection, and lm_head
+        with `lm_head`."""
+        path = tuple(path)
+        name = path[-2] if path and path[-1] in (*LAYOUTS, *QUANTIZED_LEAVES) else (path[-1] if path else None)
+        return name in LAYER_PROJECTIONS or (name == "lm_head" and self.lm_head)
+
+    def leaves(self, weight: Weight, c: BlueLMConfig) -> dict[str, tuple[tuple[int, ...], tuple, str]]:
+        """name -> (shape, logical axes, dtype) of the leaves replacing the declared [in, out] `weight`.
+        Scales follow their weight's output axis; int4's group axis is replicated (None)."""
+        n_in, n_out = shape_of(weight, c)
+        in_axis, out_axis = weight.axes
+        if self.kind == "int8":
+            return {QVALUE: ((n_out, n_in), (out_axis, in_axis), "int8"), SCALE: ((n_out,), (out_axis,), "float32")}
+        if n_in % self.group:
+            raise ValueError(f"int4 groups of {self.group} inputs do not divide the input size {n_in} of "
+                             f"{path_name(weight.path)}")
+        groups = ((n_in // self.group, n_out), (None, out_axis), "float32")
+        found = {QVALUE: ((n_out, n_in // 2), (out_axis, in_axis), "int8"), SCALE: groups}
+        return {**found, OFFSET: groups} if self.offsets else found
+
+    def describe(self) -> dict:
+        """The JSON form stored in a converted directory's metadata (`from_json` reads it)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, value: dict) -> "Quantization":
+        return cls(**value)
+
+
+def as_quantization(value: "Quantization | str | None") -> "Quantization | None":
+    """None, a Quantization, or its kind as a string ("int8", "int4")."""
+    if value is None or isinstance(value, Quantization):
+        return value
+    if isinstance(value, str):
+        return Quantization(value)
+    raise ValueError(f"quantize must be None, 'int8', 'int4' or a Quantization, got {value!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class Weight:
@@ -161,16 +240,63 @@ def weight_at(path: PathT) -> Weight:
     return top_weight(path)
 
 
-def param_shapes(c: BlueLMConfig, layout: str = KERNEL) -> dict:
-    """The parameter tree (in `layout`) with shape tuples as leaves."""
-    tree: dict = {}
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One leaf of a parameter tree: its path, shape, logical axes (None: replicated) and, for a
+    quantized leaf, its fixed dtype (None: the tree's parameter dtype)."""
+
+    path: PathT
+    shape: tuple[int, ...]
+    axes: tuple
+    dtype: str | None = None
+
+
+def leaves(c: BlueLMConfig, layout: str = KERNEL, quantization: Quantization | None = None) -> Iterator[Leaf]:
+    """Every leaf of a model of config `c`, its float projections in `layout` and the projections
+    `quantization` covers replaced by their quantized leaves, in model order."""
     for path, w in weights(c, layout):
-        set_path(tree, path, shape_of(w, c))
+        if quantization is not None and quantization.covers(path):
+            kernel = weight_at(path_in(path, KERNEL))
+            for name, (shape, axes, dtype) in quantization.leaves(kernel, c).items():
+                yield Leaf((*path[:-1], name), shape, axes, dtype)
+        else:
+            yield Leaf(path, shape_of(w, c), w.axes)
+
+
+def param_shapes(c: BlueLMConfig, layout: str = KERNEL, quantization: Quantization | None = None) -> dict:
+    """The parameter tree (in `layout`, quantized by `quantization`) with shape tuples as leaves."""
+    tree: dict = {}
+    for leaf in leaves(c, layout, quantization):
+        set_path(tree, leaf.path, leaf.shape)
     return tree
 
 
+def leaf_axes(path: PathT, ndim: int) -> tuple:
+    """The logical axes of the leaf at `path` with `ndim` dims: its declaration's, or for a quantized
+    leaf those `Quantization.leaves` gives it (int8's scale has 1 dim, int4's 2)."""
+    path = tuple(path)
+    if path and path[-1] in QUANTIZED_LEAVES:
+        in_axis, out_axis = weight_at((*path[:-1], KERNEL)).axes
+        if path[-1] == QVALUE:
+            return out_axis, in_axis
+        return (out_axis,) if ndim == 1 else (None, out_axis)
+    return weight_at(path).axes
+
+
+def quantization_of(params: dict) -> Quantization | None:
+    """The quantization of a parameter tree, read from its leaves (layer 0's q_proj and lm_head), or None."""
+    q_proj = params["model"]["layers"][0]["self_attn"]["q_proj"]
+    if QVALUE not in q_proj:
+        return None
+    if q_proj[SCALE].ndim == 1:
+        return Quantization("int8", lm_head=QVALUE in params["lm_head"])
+    group = 2 * q_proj[QVALUE].shape[1] // q_proj[SCALE].shape[0]
+    return Quantization("int4", group, lm_head=QVALUE in params["lm_head"], offsets=OFFSET in q_proj)
+
+
 def path_in(path: PathT, layout: str) -> PathT:
-    """The path of leaf `path` (of either layout) in `layout`: a projection's last name is the layout."""
+    """The path of leaf `path` (of either layout) in `layout`: a projection's last name is the layout.
+    (Quantized leaves have one orientation and keep their path.)"""
     path = tuple(path)
     if len(path) >= 2 and path[-2] in PROJECTIONS and path[-1] in LAYOUTS:
         return (*path[:-1], check_layout(layout))
@@ -178,7 +304,8 @@ def path_in(path: PathT, layout: str) -> PathT:
 
 
 def layout_of(params: dict) -> str:
-    """The projection layout of a parameter tree, read from its names (lm_head/kernel or lm_head/weight)."""
+    """The projection layout of a parameter tree, read from its names (lm_head/kernel or lm_head/weight;
+    a quantized lm_head counts as KERNEL: then no float projection is left)."""
     return WEIGHT if WEIGHT in params["lm_head"] else KERNEL
 
 

@@ -34,11 +34,14 @@ dequantize-then-dot.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from bluelm_jax import params as P
 
 INT8_MAX = 127
 INT4_MAX = 7  # symmetric: levels -7..7 (the nibble's -8 is never used)
@@ -124,20 +127,28 @@ def quantize_int4(w: jax.Array, in_axis: int, group: int = GROUP) -> tuple[jax.A
     return pack_int4(q if in_axis == 0 else q.T, in_axis, group), scale
 
 
-def _dequantize_int4_values(q: jax.Array, scale: jax.Array, in_axis: int, dtype) -> jax.Array:
-    """Unpacked q [in, out] or [out, in] (values) and scale [groups, out] -> the weight in `dtype`."""
+def _dequantize_int4_values(q: jax.Array, scale: jax.Array, in_axis: int, dtype,
+                            offset: jax.Array | None = None) -> jax.Array:
+    """Unpacked q [in, out] or [out, in] (values) and scale (and offset) [groups, out] -> the weight in `dtype`:
+    q * scale + offset."""
     n_groups = scale.shape[0]
+    per_group = (lambda a: a[:, None, :]) if in_axis == 0 else (lambda a: a.T[:, :, None])
     if in_axis == 0:
-        grouped = q.reshape(n_groups, -1, q.shape[1]).astype(jnp.float32) * scale[:, None, :]  # [groups, group, out]
+        grouped = q.reshape(n_groups, -1, q.shape[1]).astype(jnp.float32)  # [groups, group, out]
     else:
-        grouped = q.reshape(q.shape[0], n_groups, -1).astype(jnp.float32) * scale.T[:, :, None]  # [out, groups, group]
+        grouped = q.reshape(q.shape[0], n_groups, -1).astype(jnp.float32)  # [out, groups, group]
+    grouped = grouped * per_group(scale)
+    if offset is not None:
+        grouped = grouped + per_group(offset)
     return grouped.reshape(q.shape).astype(dtype)
 
 
-def dequantize_int4(packed: jax.Array, scale: jax.Array, in_axis: int, dtype=jnp.float32) -> jax.Array:
-    """(packed [in/2, out] or [out, in/2], scale [groups, out]) -> the weight in `dtype`, unpacked layout."""
+def dequantize_int4(packed: jax.Array, scale: jax.Array, in_axis: int, dtype=jnp.float32,
+                    offset: jax.Array | None = None) -> jax.Array:
+    """(packed [in/2, out] or [out, in/2], scale [groups, out], optional offset [groups, out]) -> the
+    weight q * scale (+ offset) in `dtype`, unpacked layout."""
     group = 2 * packed.shape[in_axis] // scale.shape[0]
-    return _dequantize_int4_values(unpack_int4(packed, in_axis, group), scale, in_axis, dtype)
+    return _dequantize_int4_values(unpack_int4(packed, in_axis, group), scale, in_axis, dtype, offset)
 
 
 # --------------------------------------------------------------------------- products
@@ -170,7 +181,7 @@ def _blocked_product(x: jax.Array, q: jax.Array, scale: jax.Array, in_axis: int,
         return jnp.moveaxis(y, 0, 1).reshape(x.shape[0], -1)  # [rows, out]
 
     x_blocks = jnp.moveaxis(x.reshape(x.shape[0], n_blocks, -1), 1, 0)  # [blocks, rows, in/blocks]
-    scale_blocks = scale.reshape(n_blocks, -1, *scale.shape[1:]) if scale.ndim == 2 else \
+    scale_blocks = scale.reshape(n_blocks, -1, *scale.shape[1:]) if scale.ndim >= 2 else \
         jnp.broadcast_to(scale, (n_blocks, *scale.shape))
 
     def in_block(total, args):
@@ -220,15 +231,75 @@ def int8_product(x: jax.Array, q: jax.Array, scale: jax.Array, w_in_axis: int,
 
 
 def int4_product(x: jax.Array, packed: jax.Array, scale: jax.Array, w_in_axis: int,
-                 block: int = OUT_BLOCK) -> jax.Array:
+                 block: int = OUT_BLOCK, offset: jax.Array | None = None) -> jax.Array:
     """x [..., in] (float32 or bfloat16) times the packed int4 weight (packed [in/2, out] or
-    [out, in/2], scale [in / group, out]): float32 [..., out]. Blocked on CPU, as `int8_product`;
-    a [in, out] weight is walked one group of input rows (group/2 packed rows) at a time."""
+    [out, in/2], scale and optional offset [in / group, out]): float32 [..., out]. Blocked on CPU,
+    as `int8_product`; a [in, out] weight is walked one group of input rows (group/2 packed rows)
+    at a time."""
     _out_axis(w_in_axis)
     group = 2 * packed.shape[w_in_axis] // scale.shape[0]
     # [in, out]: one group per block, so scale [groups, out] splits into [1, out] per block
     rows_per_block = _block_size(packed.shape[0], block) if w_in_axis == 1 else group // 2
-    return _quantized_product(x, packed, scale, w_in_axis, dequantize_int4, rows_per_block)
+    if offset is None:
+        return _quantized_product(x, packed, scale, w_in_axis, dequantize_int4, rows_per_block)
+    # the offset rides along with the scale: both are [groups, out], blocked alike
+    both = jnp.stack([scale, offset], axis=1)  # [groups, 2, out]
+    dequantize = lambda q, s, in_axis, dtype=jnp.float32: dequantize_int4(  # noqa: E731
+        q, s[:, 0], in_axis, dtype, s[:, 1])
+    return _quantized_product(x, packed, both, w_in_axis, dequantize, rows_per_block)
+
+
+def quantize_projection(w: jax.Array, in_axis: int, quantization: P.Quantization) -> dict[str, jax.Array]:
+    """A float projection weight, [in, out] (in_axis 0) or [out, in] (in_axis 1), as the leaves of
+    `quantization` (params.Quantization: {qvalue, scale}, [out, in] like PyTorch's weight)."""
+    w_out_in = jnp.asarray(w).T if _out_axis(in_axis) == 1 else jnp.asarray(w)  # [out, in]
+    if quantization.offsets:
+        raise ValueError("the project's own quantization is symmetric: offsets come only from GPTQ/AWQ checkpoints")
+    if quantization.kind == "int8":
+        q, scale = quantize_int8(w_out_in, 1)
+    else:
+        q, scale = quantize_int4(w_out_in, 1, quantization.group)
+    return {P.QVALUE: q, P.SCALE: scale}
+
+
+def _leaf_shardings(float_leaf: jax.Array, in_axis: int, quantization: P.Quantization) -> dict:
+    """Where the quantized leaves of `float_leaf` go: its devices, the mesh axis of its output dim on
+    the output dim of qvalue and the scales (int4's group axis replicated)."""
+    sharding = float_leaf.sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return {name: sharding for name in (P.QVALUE, P.SCALE)}
+    spec = (*sharding.spec, *(None,) * (2 - len(sharding.spec)))
+    in_mesh, out_mesh = spec[in_axis], spec[1 - in_axis]
+    named = lambda *axes: jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*axes))  # noqa: E731
+    return {P.QVALUE: named(out_mesh, in_mesh),
+            P.SCALE: named(out_mesh) if quantization.kind == "int8" else named(None, out_mesh)}
+
+
+def quantize_params(params: dict, quantization: P.Quantization) -> dict:
+    """Replaces, in place, every float projection of `params` (either layout) that `quantization`
+    covers by its quantized leaves, placed on the float leaf's devices with its output axis's
+    sharding; returns `params`. One projection at a time, its float leaf dropped before the next,
+    so memory peaks at one float leaf above the tree."""
+    for path in [path for path, _ in P.flatten(params)]:  # paths only: a list of leaves would keep them all
+        quantize_leaf(params, path, quantization)
+    return params
+
+
+def quantize_leaf(params: dict, path: P.PathT, quantization: P.Quantization) -> None:
+    """Replaces the leaf at `path` by its quantized leaves when it is a float projection that
+    `quantization` covers (see `quantize_params`); leaves anything else alone."""
+    if path[-1] not in P.LAYOUTS or not quantization.covers(path):
+        return
+    parent = P.get_path(params, path[:-1])
+    leaf = parent.pop(path[-1])
+    in_axis = 0 if path[-1] == P.KERNEL else 1
+    shardings = _leaf_shardings(leaf, in_axis, quantization)
+    parent.update(_compiled_quantize(in_axis, quantization, tuple(shardings.items()))(leaf))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_quantize(in_axis: int, quantization: P.Quantization, shardings: tuple) -> Callable:
+    return jax.jit(lambda w: quantize_projection(w, in_axis, quantization), out_shardings=dict(shardings))
 
 
 def quantized_bytes(shape: tuple[int, int], kind: str, group: int = GROUP) -> int:
@@ -242,4 +313,5 @@ def quantized_bytes(shape: tuple[int, int], kind: str, group: int = GROUP) -> in
 
 
 __all__ = ["quantize_int8", "dequantize_int8", "quantize_int4", "dequantize_int4", "pack_int4", "unpack_int4",
-           "int8_product", "int4_product", "quantized_bytes", "GROUP", "OUT_BLOCK"]
+           "int8_product", "int4_product", "quantize_projection", "quantize_params", "quantize_leaf",
+           "quantized_bytes", "GROUP", "OUT_BLOCK"]

@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bluelm_jax.config import BlueLMConfig
-from bluelm_jax.params import PathT, flatten, path_name, set_path, weight_at, weights
+from bluelm_jax.params import KERNEL, PathT, Quantization, flatten, leaf_axes, leaves, path_name, set_path
 
 DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
 AXES = (DATA, FSDP, TENSOR)
@@ -208,7 +208,7 @@ def logical_to_mesh(logical: Sequence[Optional[str]], config: BlueLMConfig, mesh
     return P(*(None if name is None else _fits(RULES[name], units[name], sizes) for name in logical))
 
 
-def param_spec(path: PathT, config: BlueLMConfig, mesh) -> P:
+def param_spec(path: PathT, config: BlueLMConfig, mesh, ndim: Optional[int] = None) -> P:
     """The PartitionSpec of parameter `path` (e.g. ("model", "layers", 0, "self_attn", "q_proj", "kernel")).
 
     embed_tokens [vocab, hidden]: P(tensor, fsdp); lm_head [hidden, vocab]: P(fsdp, tensor);
@@ -217,23 +217,23 @@ def param_spec(path: PathT, config: BlueLMConfig, mesh) -> P:
     norms and the embedding LayerNorm: replicated (see `logical_to_mesh`).
     """
     try:
-        logical = weight_at(path).axes
+        logical = leaf_axes(path, ndim)  # ndim tells int8's from int4's scale (params.Quantization)
     except KeyError:
         raise KeyError(f"no sharding rule for parameter {path_name(path)}") from None
     return logical_to_mesh(logical, config, mesh)
 
 
-def param_specs(config: BlueLMConfig, mesh) -> dict:
-    """The parameter tree with PartitionSpecs as leaves."""
+def param_specs(config: BlueLMConfig, mesh, quantization: Optional[Quantization] = None) -> dict:
+    """The parameter tree (KERNEL layout, quantized by `quantization`) with PartitionSpecs as leaves."""
     tree: dict = {}
-    for path, weight in weights(config):
-        set_path(tree, path, logical_to_mesh(weight.axes, config, mesh))
+    for leaf in leaves(config, KERNEL, quantization):
+        set_path(tree, leaf.path, logical_to_mesh(leaf.axes, config, mesh))
     return tree
 
 
-def param_shardings(config: BlueLMConfig, mesh: Mesh) -> dict:
+def param_shardings(config: BlueLMConfig, mesh: Mesh, quantization: Optional[Quantization] = None) -> dict:
     """The parameter tree with NamedShardings as leaves (for jit and Orbax restore)."""
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(config, mesh),
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(config, mesh, quantization),
                         is_leaf=lambda x: isinstance(x, P))
 
 
@@ -266,7 +266,7 @@ def shard_params(params: dict, config: BlueLMConfig, mesh: Mesh) -> dict:
     """Places a parameter tree (host or device arrays) on `mesh` by `param_spec`."""
     out: dict = {}
     for path, leaf in flatten(params):
-        sharding = NamedSharding(mesh, param_spec(path, config, mesh))
+        sharding = NamedSharding(mesh, param_spec(path, config, mesh, np.ndim(leaf)))
         if isinstance(leaf, jax.Array) and leaf.is_fully_addressable:
             set_path(out, path, jax.device_put(leaf, sharding))
         else:

@@ -1,6 +1,7 @@
 """The converters' command lines: `bluelm-convert` (Hugging Face -> Orbax) and `bluelm-export` (back).
 
-    bluelm-convert --hf-dir DIR --out DIR [--dtype auto|bfloat16|float32] [--force] [--no-progress]
+    bluelm-convert --hf-dir DIR --out DIR [--dtype auto|bfloat16|float32] [--quantize int8|int4]
+                   [--force] [--no-progress]
     bluelm-export --ckpt DIR --out DIR [--adapter DIR] [--dtype auto|bfloat16|float16|float32]
                   [--max-shard-size 5GB] [--force]
 
@@ -35,6 +36,9 @@ def convert_main(argv: Optional[Sequence[str]] = None, prog: str = CONVERT_PROG)
     parser.add_argument("--out", required=True, help="output directory (created atomically)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
                         help="parameter dtype (default auto: bfloat16 or float32 as stored; float16 -> float32)")
+    parser.add_argument("--quantize", default=None, choices=("int8", "int4"),
+                        help="store the projections quantized (weight-only): int8 per output channel, or int4 in "
+                             "groups of 128 inputs; embeddings, norms and lm_head keep --dtype")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -50,7 +54,7 @@ def convert_main(argv: Optional[Sequence[str]] = None, prog: str = CONVERT_PROG)
     def convert() -> str:
         with interrupts.deferred():  # raised between blocks: the writers finish, the output is removed
             return convert_hf_to_flax(args.hf_dir, args.out, args.dtype, args.force,
-                                      progress=not args.no_progress).line()
+                                      progress=not args.no_progress, quantize=args.quantize).line()
 
     return run_reporting_errors(convert, known)
 

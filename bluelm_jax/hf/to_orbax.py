@@ -23,14 +23,16 @@ import sys
 import time
 from typing import Any, Iterator, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bluelm_jax import checkpoint, hub, interrupts
 from bluelm_jax.atomic_dir import refuse_existing, refuse_overlap
 from bluelm_jax.config import BlueLMConfig
-from bluelm_jax.params import (IGNORED_HF_TENSORS, KERNEL, HFTensor, PathT, flatten, get_path, hf_tensors,
-                               param_shapes, set_path)
+from bluelm_jax import quantize as Q
+from bluelm_jax.params import (IGNORED_HF_TENSORS, KERNEL, QVALUE, HFTensor, PathT, Quantization, as_quantization,
+                               get_path, hf_tensors, leaves, set_path, shape_of, weight_at)
 from bluelm_jax.hf.reader import HFCheckpoint
 
 BLOCK_BYTES = 64 * 1024 * 1024  # largest block of a leaf written at once
@@ -86,19 +88,32 @@ def _block_rows(rows: int, row_bytes: int) -> int:
     return max(1, min(rows, BLOCK_BYTES // max(row_bytes, 1)))
 
 
-def leaf_specs(config: BlueLMConfig, dtype: str, layout: str = KERNEL) -> dict[PathT, checkpoint.LeafSpec]:
-    """Shape, dtype and block shape of every leaf in `layout`, matching the blocks of `converted_blocks`."""
+def _quantized_block_rows(config: BlueLMConfig, path: PathT) -> int:
+    """Output channels (rows of the [out, in] source) quantized at once: a block's float32 copy
+    is at most BLOCK_BYTES."""
+    n_in, n_out = shape_of(weight_at((*path[:-1], KERNEL)), config)
+    return _block_rows(n_out, n_in * 4)
+
+
+def leaf_specs(config: BlueLMConfig, dtype: str, layout: str = KERNEL,
+               quantization: Optional[Quantization] = None) -> dict[PathT, checkpoint.LeafSpec]:
+    """Shape, dtype and block shape of every leaf in `layout` (quantized by `quantization`),
+    matching the blocks of `converted_blocks`."""
     np_dtype = np.dtype(jnp.dtype(dtype))
     transposed = {t.path: t.transpose for t in hf_tensors(config, layout)}
     specs = {}
-    for path, shape in flatten(param_shapes(config, layout)):
-        if len(shape) == 2:
+    for leaf in leaves(config, layout, quantization):
+        path, shape = leaf.path, leaf.shape
+        if leaf.dtype is not None:  # quantized: blocks of output channels, qvalue's rows, the scales' last axis
+            rows = _quantized_block_rows(config, path)
+            write = (rows, shape[1]) if path[-1] == QVALUE else (*shape[:-1], rows)
+        elif len(shape) == 2:
             axis = 1 if transposed[path] else 0  # the axis of the source's rows
             rows = _block_rows(shape[axis], shape[1 - axis] * np_dtype.itemsize)
             write = (shape[0], rows) if axis else (rows, shape[1])
         else:
             write = shape
-        specs[path] = checkpoint.LeafSpec(shape, np_dtype, write)
+        specs[path] = checkpoint.LeafSpec(shape, np.dtype(leaf.dtype) if leaf.dtype else np_dtype, write)
     return specs
 
 
@@ -118,18 +133,35 @@ def _row_blocks(src: np.ndarray, spec: checkpoint.LeafSpec, transpose: bool) -> 
         yield index, _to_layout(src[a:b], transpose, spec.dtype)
 
 
+def _quantized_blocks(src: np.ndarray, path: PathT, specs: dict[PathT, checkpoint.LeafSpec],
+                      quantization: Quantization) -> Iterator[checkpoint.Block]:
+    """A PyTorch projection src [out, in], quantized a block of output channels at a time: its
+    quantized leaves' blocks (qvalue rows, the scales' last axis)."""
+    rows = specs[(*path[:-1], QVALUE)].write_shape[0]
+    for a in range(0, src.shape[0], rows):
+        channels = slice(a, min(a + rows, src.shape[0]))
+        with jax.default_device(jax.devices("cpu")[0]):
+            quantized = Q.quantize_projection(src[channels], 1, quantization)
+        for name, value in quantized.items():
+            value = np.asarray(value)  # qvalue [channels, ...]; scales [..., channels]
+            index = (channels,) if name == QVALUE else (*(slice(None),) * (value.ndim - 1), channels)
+            yield (*path[:-1], name), index, value
+
+
 def converted_blocks(ckpt: HFCheckpoint, expected: dict[str, HFTensor], specs: dict[PathT, checkpoint.LeafSpec],
-                     progress: Any = None) -> Iterator[checkpoint.Block]:
-    """Reads each expected tensor once and yields (leaf path, index, block) in our layout."""
+                     progress: Any = None, quantization: Optional[Quantization] = None) -> Iterator[checkpoint.Block]:
+    """Reads each expected tensor once and yields (leaf path, index, block) in our layout, the
+    projections `quantization` covers as their quantized leaves."""
     for name, src in ckpt.tensors(set(expected)):
         t = expected[name]
-        spec = specs[t.path]
-        if src.ndim == 2:
-            blocks = _row_blocks(src, spec, t.transpose)
+        if quantization is not None and quantization.covers(t.path):
+            blocks = _quantized_blocks(src, t.path, specs, quantization)
+        elif src.ndim == 2:
+            blocks = ((t.path, *block) for block in _row_blocks(src, specs[t.path], t.transpose))
         else:
-            blocks = [((), _to_layout(src, False, spec.dtype))]
-        for index, value in blocks:
-            yield t.path, index, value
+            blocks = [(t.path, (), _to_layout(src, False, specs[t.path].dtype))]
+        for path, index, value in blocks:
+            yield path, index, value
             if progress is not None:
                 progress.update(value.nbytes)
             interrupts.check()
@@ -137,21 +169,22 @@ def converted_blocks(ckpt: HFCheckpoint, expected: dict[str, HFTensor], specs: d
 
 
 def load_hf_params(hf_dir: str | os.PathLike, config: BlueLMConfig, dtype: Optional[str] = None,
-                   layout: str = KERNEL) -> dict:
+                   layout: str = KERNEL, quantization: Optional[Quantization] = None) -> dict:
     """Reads a Hugging Face checkpoint into a parameter tree of numpy arrays (in memory), its
-    projections in `layout` (WEIGHT: as PyTorch stores them, copied without a transpose).
+    projections in `layout` (WEIGHT: as PyTorch stores them, copied without a transpose), or
+    quantized by `quantization` block by block as they are read.
 
     The arrays are allocated once, aligned (`checkpoint.aligned_empty`, so that jax adopts
     them on CPU without a copy), and filled block by block from the memory-mapped tensors.
     """
     ckpt = HFCheckpoint(hf_dir)
     expected = check_tensors(ckpt, config, layout)
-    specs = leaf_specs(config, resolve_dtype(dtype, ckpt), layout)
+    specs = leaf_specs(config, resolve_dtype(dtype, ckpt), layout, quantization)
     checkpoint.return_large_frees_to_the_os()
     tree: dict = {}
     for path, s in specs.items():
         set_path(tree, path, checkpoint.aligned_empty(s.shape, s.dtype))
-    for path, index, value in converted_blocks(ckpt, expected, specs):
+    for path, index, value in converted_blocks(ckpt, expected, specs, quantization=quantization):
         get_path(tree, path)[index] = value
     return tree
 
@@ -174,8 +207,12 @@ class ConversionSummary:
 
 
 def convert_hf_to_flax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: Optional[str] = "auto",
-                       force: bool = False, progress: bool = True) -> ConversionSummary:
-    """Converts `hf_dir` into a new bluelm-jax directory `out_dir`, atomically; raises on bad input."""
+                       force: bool = False, progress: bool = True,
+                       quantize: Optional[Quantization | str] = None) -> ConversionSummary:
+    """Converts `hf_dir` into a new bluelm-jax directory `out_dir`, atomically; raises on bad input.
+    `quantize` ("int8", "int4" or a params.Quantization) stores the projections quantized, each
+    quantized a block of output channels at a time as it streams (recorded in bluelm_jax.json)."""
+    quantization = as_quantization(quantize)
     start = time.perf_counter()
     hf_dir, out_dir = os.path.abspath(hub.resolve(hf_dir)), os.path.abspath(out_dir)
     if not os.path.isdir(hf_dir):
@@ -190,7 +227,7 @@ def convert_hf_to_flax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dt
     ckpt = HFCheckpoint(hf_dir)
     expected = check_tensors(ckpt, config)
     dtype = resolve_dtype(dtype, ckpt)
-    specs = leaf_specs(config, dtype)
+    specs = leaf_specs(config, dtype, KERNEL, quantization)
     total_bytes = sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in specs.values())
 
     parameters = sum(int(np.prod(t.hf_shape)) for t in expected.values())
@@ -204,8 +241,11 @@ def convert_hf_to_flax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dt
     def write_params(params_dir: str) -> None:
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress,
                   file=sys.stderr) as bar:
-            checkpoint.save_params_streaming(params_dir, specs, converted_blocks(ckpt, expected, specs, bar))
+            checkpoint.save_params_streaming(params_dir, specs,
+                                             converted_blocks(ckpt, expected, specs, bar, quantization))
 
+    extra = {} if quantization is None else {"quantization": quantization.describe()}
     checkpoint.write_converted_dir(out_dir, write_params, config_bytes, tokenizer_model, dtype, force,
-                                   ConversionError, num_parameters=parameters, source_format=ckpt.format)
-    return ConversionSummary(out_dir, len(expected), parameters, total_bytes, dtype, time.perf_counter() - start)
+                                   ConversionError, num_parameters=parameters, source_format=ckpt.format, **extra)
+    stored = dtype if quantization is None else f"{dtype} ({quantization.kind} projections)"
+    return ConversionSummary(out_dir, len(expected), parameters, total_bytes, stored, time.perf_counter() - start)
