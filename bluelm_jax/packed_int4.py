@@ -4,8 +4,10 @@ BlueLM-7B-Chat-32K-GPTQ and -AWQ store each quantized linear layer as `qweight` 
 holding eight 4-bit integers each), `qzeros` (the packed zero points), `scales` (float16, one per
 group and output column) and, for GPTQ, `g_idx` (the group of every input row). This module
 unpacks those tensors to integers, dequantizes them to float32 and packs integers back into the
-same words (for test fixtures). It knows nothing about models or files: the caller hands it the
-arrays of one layer.
+same words (for test fixtures), and turns one layer into the project's int4 leaves
+(`project_int4_leaves`: signed nibbles packed by quantize.pack_int4 on the host CPU, scales, and
+offsets that fold the zero points in). It knows nothing about models or files: the caller hands
+it the arrays of one layer.
 
 Layouts. A word's nibble k is bits 4k..4k+3 (k = 0 is the least significant nibble); words are
 read as unsigned 32-bit integers, so nibble 7 is the sign bit's nibble of the stored int32.
@@ -327,3 +329,68 @@ def _check_group_tensors(method: str, weight_shape, zeros_shape, scales_shape) -
             f"{method}: unpacked qweight {weight_shape}, qzeros {zeros_shape} and scales {scales_shape} "
             "disagree (expected [in, out], [groups, out], [groups, out])"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Into the project's int4 leaves
+
+
+# A project int4 nibble is signed (-8..7): the unsigned GPTQ/AWQ level q (0..15) is q - 8.
+SIGNED_SHIFT = 8
+
+
+def project_int4_leaves(
+    config: QuantizationConfig,
+    qweight: np.ndarray,
+    qzeros: np.ndarray,
+    scales: np.ndarray,
+    g_idx: Optional[np.ndarray] = None,
+) -> Optional[dict[str, np.ndarray]]:
+    """One packed layer -> the project's int4 leaves, or None when its groups are not contiguous.
+
+    Returns {"qvalue": int8 [out, in/2] (quantize.pack_int4 of q - 8 along axis 1 in groups of
+    the checkpoint's group size), "scale": float32 [groups, out], "offset": float32 [groups, out]}
+    with q_signed * scale + offset = scale * (q - zero) (the format's own dequantization):
+    q_signed = q - 8 and offset = scale * (8 - zero). Both sides are exact in float32 for
+    float16 scales (a 4-bit integer times an 11-bit mantissa). For a symmetric checkpoint
+    (`config.zero_point` False) every zero point must be 8 and "offset" is left out.
+
+    None: a GPTQ act_order layer (g_idx other than i // group_size), whose groups interleave
+    input rows and so have no contiguous form; dequantize it instead (`dequantize_linear`).
+    """
+    if config.method == "gptq":
+        q = unpack_gptq_qweight(qweight)  # [in, out]
+        zeros = unpack_gptq_qzeros(qzeros, config.gptq_zero_offset)  # [groups, out]
+    else:
+        q = unpack_awq_qweight(qweight)  # [in, out]
+        zeros = unpack_awq_qzeros(qzeros).astype(np.int32)  # [groups, out]
+    scales = np.asarray(scales).astype(np.float32)  # [groups, out]
+    _check_group_tensors(config.method.upper(), q.shape, zeros.shape, scales.shape)
+    in_features = q.shape[0]
+    group = in_features if config.group_size == -1 else config.group_size
+    if in_features % group or in_features // group != scales.shape[0]:
+        raise ValueError(
+            f"{config.method.upper()}: {in_features} input rows in groups of {group} do not make the "
+            f"{scales.shape[0]} groups of scales {scales.shape}"
+        )
+    if g_idx is not None and not np.array_equal(np.asarray(g_idx), default_g_idx(in_features, group)):
+        return None
+    leaves = {"qvalue": _pack_project_int4(q.astype(np.int8) - SIGNED_SHIFT, group), "scale": scales}
+    if config.zero_point:
+        leaves["offset"] = scales * (SIGNED_SHIFT - zeros).astype(np.float32)  # [groups, out]
+    elif np.any(zeros != SIGNED_SHIFT):
+        raise ValueError(
+            f"{config.method.upper()}: a symmetric checkpoint (sym: true) must have zero point "
+            f"{SIGNED_SHIFT} everywhere, found {zeros.min()}..{zeros.max()}"
+        )
+    return leaves
+
+
+def _pack_project_int4(q_signed: np.ndarray, group: int) -> np.ndarray:
+    """q_signed int8 [in, out] in -8..7 -> int8 [out, in/2] in the project's int4 layout."""
+    import jax
+
+    from bluelm_jax import quantize
+
+    with jax.default_device(jax.devices("cpu")[0]):  # host arrays in, a host array out
+        return np.asarray(quantize.pack_int4(np.ascontiguousarray(q_signed.T), in_axis=1, group=group))
