@@ -127,12 +127,10 @@ def _save(directory: str, tensors: dict[str, np.ndarray], fmt: str, num_shards: 
     names = sorted(tensors)
     half = -(-len(names) // num_shards)
     groups = [names[i:i + half] for i in range(0, len(names), half)]
-    if fmt == "safetensors":
-        single, pattern, index = "model.safetensors", "model-{:05d}-of-{:05d}.safetensors", "model.safetensors.index.json"
-    elif fmt == "bin":
-        single, pattern, index = "pytorch_model.bin", "pytorch_model-{:05d}-of-{:05d}.bin", "pytorch_model.bin.index.json"
-    else:
+    if fmt not in ("safetensors", "bin"):
         raise ValueError(f"unknown format {fmt!r}")
+    stem = "model" if fmt == "safetensors" else "pytorch_model"
+    single, pattern, index = f"{stem}.{fmt}", f"{stem}-{{:05d}}-of-{{:05d}}.{fmt}", f"{stem}.{fmt}.index.json"
     weight_map = {}
     for i, group in enumerate(groups):
         filename = single if len(groups) == 1 else pattern.format(i + 1, len(groups))

@@ -163,6 +163,14 @@ def test_quantize_config_json_when_config_json_has_none(tmp_path):
     assert_int4_leaves_match(q_proj, known.layers["model.layers.0.self_attn.q_proj"])
 
 
+def test_gptq_without_g_idx_groups_rows_in_order(tmp_path):
+    known = write_quantized_checkpoint(str(tmp_path / "gptq"), CONFIG, "gptq")
+    _replace_tensor("model.layers.1.mlp.up_proj.g_idx", None)(known.directory)
+    leaves = dict(read_quantized_leaves(known.directory, CONFIG))
+    up_proj = {name: leaves[("model", "layers", 1, "mlp", "up_proj", name)] for name in ("qvalue", "scale", "offset")}
+    assert_int4_leaves_match(up_proj, known.layers["model.layers.1.mlp.up_proj"])
+
+
 # ------------------------------------------------------------------ what it cannot read
 
 
@@ -210,8 +218,8 @@ def _replace_tensor(name, value):
     ("awq", _edit_quantization(version="gemv_fast"), r"quantization_config\.version='gemv_fast'"),
     ("gptq", _edit_quantization(quant_method="bitsandbytes"), r"quantization_config\.quant_method='bitsandbytes'"),
     ("gptq", _without_quantization, r"config\.json: no quantization_config \(not a GPTQ or AWQ checkpoint\)"),
-    ("gptq", _replace_tensor("model.layers.1.mlp.up_proj.g_idx", None),
-     r"1 tensor\(s\) missing: model\.layers\.1\.mlp\.up_proj\.g_idx"),
+    ("gptq", _replace_tensor("model.layers.1.mlp.up_proj.qzeros", None),
+     r"1 tensor\(s\) missing: model\.layers\.1\.mlp\.up_proj\.qzeros"),
     ("gptq", _replace_tensor("model.layers.0.self_attn.o_proj.qzeros", np.zeros((2, 8), np.int32)),
      r"model\.safetensors: tensor model\.layers\.0\.self_attn\.o_proj\.qzeros has shape \[2, 8\], expected \[2, 32\]"),
     ("awq", _replace_tensor("model.layers.0.mlp.gate_proj.qweight", np.zeros((256, 64), np.float32)),

@@ -5,7 +5,8 @@
         ...                                      # e.g. set_path(tree, path, array)
 
 A quantized projection `<module>` of the checkpoint (`<module>.qweight`, `.qzeros`, `.scales`
-and, for GPTQ, `.g_idx`; packed_int4.py describes the layouts) becomes the leaves of the
+and, for GPTQ, `.g_idx`, which older writers leave out: rows grouped as i // group_size;
+packed_int4.py describes the layouts) becomes the leaves of the
 project's int4 format, always [out, in] whatever `layout`:
 
     (..., "q_proj", "qvalue")   int8 [out, in/2]       (quantize.pack_int4 layout, signed nibbles)
@@ -49,6 +50,7 @@ from bluelm_jax.hf.to_orbax import ConversionError, _names, _to_layout, resolve_
 
 QUANTIZE_CONFIG_FILE = "quantize_config.json"  # AutoGPTQ's own copy of the GPTQ settings
 PACKED_PARTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}
+OPTIONAL_PARTS = ("g_idx",)  # a GPTQ checkpoint without g_idx (older writers) groups rows as i // group_size
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 PART_DTYPES = {"qweight": ("int32",), "qzeros": ("int32",), "scales": FLOAT_DTYPES, "g_idx": ("int32", "int64")}
 
@@ -96,6 +98,7 @@ class PackedProjection:
 
     module: str  # "model.layers.3.self_attn.q_proj"
     leaf: HFTensor  # the float tensor it replaces (hf_shape [out, in], path in the chosen layout)
+    parts: tuple[str, ...]  # its packed tensors in this checkpoint (qweight, qzeros, scales[, g_idx])
 
     @property
     def in_out(self) -> tuple[int, int]:
@@ -116,31 +119,31 @@ class Plan:
 
     floats: dict[str, HFTensor]
     projections: dict[str, PackedProjection]
-    parts: tuple[str, ...]  # the packed tensors of one projection
 
     def names(self) -> set[str]:
-        return set(self.floats) | {p.part_name(part) for p in self.projections.values() for part in self.parts}
+        return set(self.floats) | {p.part_name(part) for p in self.projections.values() for part in p.parts}
 
 
 def plan_tensors(ckpt: HFCheckpoint, config: BlueLMConfig, quantization: QuantizationConfig,
                  layout: str = KERNEL) -> Plan:
     """What every tensor of `ckpt` becomes; raises ConversionError on missing, unexpected,
     mis-shaped or mis-typed tensors. A projection is packed when `<module>.qweight` is present."""
-    parts = PACKED_PARTS[quantization.method]
     floats, projections = {}, {}
     for t in hf_tensors(config, check_layout(layout)):
         module = t.hf_name[: -len(".weight")]
         if t.path[-2] in PROJECTIONS and f"{module}.qweight" in ckpt.entries:
-            projections[module] = PackedProjection(module, t)
+            present = lambda part: part not in OPTIONAL_PARTS or f"{module}.{part}" in ckpt.entries  # noqa: E731
+            projections[module] = PackedProjection(module, t, tuple(filter(present, PACKED_PARTS[quantization.method])))
         else:
             floats[t.hf_name] = t
-    plan = Plan(floats, projections, parts)
+    plan = Plan(floats, projections)
     _check_names(ckpt, plan)
     for name, t in floats.items():
         _check_entry(ckpt, name, t.hf_shape, FLOAT_DTYPES)
     for p in projections.values():
-        for part, shape in packed_shapes(quantization, *p.in_out).items():
-            _check_entry(ckpt, p.part_name(part), shape, PART_DTYPES[part])
+        shapes = packed_shapes(quantization, *p.in_out)
+        for part in p.parts:
+            _check_entry(ckpt, p.part_name(part), shapes[part], PART_DTYPES[part])
     return plan
 
 
@@ -204,7 +207,7 @@ def read_quantized_leaves(source: Union[str, os.PathLike, HFCheckpoint], config:
         module, part = name.rsplit(".", 1)
         parts = pending.setdefault(module, {})
         parts[part] = src
-        if len(parts) == len(plan.parts):
+        if len(parts) == len(plan.projections[module].parts):
             del pending[module]
             yield from projection_leaves(plan.projections[module], quantization, parts, dequantize, float_dtype,
                                          ckpt.entries[name].file)
