@@ -67,6 +67,16 @@ def test_one_layer_becomes_int4_leaves_exactly(quantization):
     np.testing.assert_array_equal(int4_weight(leaves), p4.dequantize_linear(quantization, *tensors.values()))
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_levels_unpack_straight_into_out_in(method):
+    layer = known_layer(np.random.default_rng(5), 64, 24, 32, zero_low=int(method == "gptq"))
+    qweight = packed_tensors(layer, method)["qweight"]
+    unpack = p4.unpack_gptq_qweight_out_in if method == "gptq" else p4.unpack_awq_qweight_out_in
+    levels = unpack(qweight)
+    assert levels.dtype == np.uint8 and levels.flags.c_contiguous
+    np.testing.assert_array_equal(levels, layer.q.T)
+
+
 def test_symmetric_gptq_has_no_offset_and_rejects_other_zero_points():
     sym = p4.QuantizationConfig("gptq", 4, 128, desc_act=False, zero_point=False, version="gptq")
     layer = known_layer(np.random.default_rng(2), 256, 16, 128, sym=True)
