@@ -132,8 +132,9 @@ def plan_tensors(ckpt: HFCheckpoint, config: BlueLMConfig, quantization: Quantiz
     for t in hf_tensors(config, check_layout(layout)):
         module = t.hf_name[: -len(".weight")]
         if t.path[-2] in PROJECTIONS and f"{module}.qweight" in ckpt.entries:
-            present = lambda part: part not in OPTIONAL_PARTS or f"{module}.{part}" in ckpt.entries  # noqa: E731
-            projections[module] = PackedProjection(module, t, tuple(filter(present, PACKED_PARTS[quantization.method])))
+            parts = tuple(part for part in PACKED_PARTS[quantization.method]
+                          if part not in OPTIONAL_PARTS or f"{module}.{part}" in ckpt.entries)
+            projections[module] = PackedProjection(module, t, parts)
         else:
             floats[t.hf_name] = t
     plan = Plan(floats, projections)
@@ -220,11 +221,11 @@ def projection_leaves(projection: PackedProjection, quantization: QuantizationCo
     packed = (parts["qweight"], parts["qzeros"], parts["scales"], parts.get("g_idx"))
     try:
         leaves = None if dequantize else project_int4_leaves(quantization, *packed)
-        if leaves is not None:
-            for leaf_name, value in leaves.items():
-                yield projection.int4_path(leaf_name), value
-            return
-        weight = dequantize_linear(quantization, *packed, out_in=projection.leaf.path[-1] == WEIGHT)
+        if leaves is None:
+            weight = dequantize_linear(quantization, *packed, out_in=projection.leaf.path[-1] == WEIGHT)
     except ValueError as e:
         raise ConversionError(f"{where}: {projection.module}: {e}") from None
-    yield projection.leaf.path, weight.astype(float_dtype, copy=False)
+    if leaves is None:
+        yield projection.leaf.path, weight.astype(float_dtype, copy=False)
+    else:
+        yield from ((projection.int4_path(leaf_name), value) for leaf_name, value in leaves.items())
