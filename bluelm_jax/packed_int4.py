@@ -4,8 +4,10 @@ BlueLM-7B-Chat-32K-GPTQ and -AWQ store each quantized linear layer as `qweight` 
 holding eight 4-bit integers each), `qzeros` (the packed zero points), `scales` (float16, one per
 group and output column) and, for GPTQ, `g_idx` (the group of every input row). This module
 unpacks those tensors to integers, dequantizes them to float32 and packs integers back into the
-same words (for test fixtures). It knows nothing about models or files: the caller hands it the
-arrays of one layer.
+same words (for test fixtures), and turns one layer into the project's int4 leaves
+(`project_int4_leaves`: signed nibbles packed by quantize.pack_int4 on the host CPU, scales, and
+offsets that fold the zero points in). It knows nothing about models or files: the caller hands
+it the arrays of one layer.
 
 Layouts. A word's nibble k is bits 4k..4k+3 (k = 0 is the least significant nibble); words are
 read as unsigned 32-bit integers, so nibble 7 is the sign bit's nibble of the stored int32.
@@ -170,13 +172,22 @@ def _check_whole_words(count: int) -> None:
 
 def unpack_nibbles(words: np.ndarray) -> np.ndarray:
     """[..., m] int32 words -> [..., 8m] uint8 values; nibble k of word j becomes value 8j + k."""
+    # Byte b of a little-endian word holds nibble 2b (low half) and nibble 2b + 1 (high half);
+    # splitting bytes is several times faster than shifting whole words eight times.
+    words = _unsigned_words(words)  # [..., m]
+    as_bytes = np.ascontiguousarray(words.astype("<u4", copy=False)).view(np.uint8)  # [..., 4m]
+    nibbles = np.empty((*as_bytes.shape, 2), np.uint8)  # [..., 4m, 2]
+    nibbles[..., 0] = as_bytes & NIBBLE_MASK
+    nibbles[..., 1] = as_bytes >> BITS
+    return nibbles.reshape(*words.shape[:-1], NIBBLES_PER_WORD * words.shape[-1])
+
+
+def _unsigned_words(words: np.ndarray) -> np.ndarray:
+    """32-bit integer words (of either byte order) as native uint32; ValueError for anything else."""
     words = np.asarray(words)
-    if words.dtype not in (np.int32, np.uint32):
+    if words.dtype.kind not in "iu" or words.dtype.itemsize != 4:
         raise ValueError(f"packed 4-bit words must be int32, got {words.dtype}")
-    unsigned = words.view(np.uint32)  # [..., m]
-    shifts = np.arange(NIBBLES_PER_WORD, dtype=np.uint32) * BITS  # [8]
-    nibbles = (unsigned[..., None] >> shifts) & NIBBLE_MASK  # [..., m, 8]
-    return nibbles.reshape(*words.shape[:-1], -1).astype(np.uint8)
+    return words.astype(words.dtype.newbyteorder("="), copy=False).view(np.uint32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,3 +338,84 @@ def _check_group_tensors(method: str, weight_shape, zeros_shape, scales_shape) -
             f"{method}: unpacked qweight {weight_shape}, qzeros {zeros_shape} and scales {scales_shape} "
             "disagree (expected [in, out], [groups, out], [groups, out])"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Into the project's int4 leaves
+
+
+# A project int4 nibble is signed (-8..7): the unsigned GPTQ/AWQ level q (0..15) is q - 8.
+SIGNED_SHIFT = 8
+
+
+def project_int4_leaves(
+    config: QuantizationConfig,
+    qweight: np.ndarray,
+    qzeros: np.ndarray,
+    scales: np.ndarray,
+    g_idx: Optional[np.ndarray] = None,
+) -> Optional[dict[str, np.ndarray]]:
+    """One packed layer -> the project's int4 leaves, or None when its groups are not contiguous.
+
+    Returns {"qvalue": int8 [out, in/2] (quantize.pack_int4 of q - 8 along axis 1 in groups of
+    the checkpoint's group size), "scale": float32 [groups, out], "offset": float32 [groups, out]}
+    with q_signed * scale + offset = scale * (q - zero) (the format's own dequantization):
+    q_signed = q - 8 and offset = scale * (8 - zero). Both sides are exact in float32 for
+    float16 scales (a 4-bit integer times an 11-bit mantissa). For a symmetric checkpoint
+    (`config.zero_point` False) every zero point must be 8 and "offset" is left out.
+
+    None: a GPTQ act_order layer (g_idx other than i // group_size), whose groups interleave
+    input rows and so have no contiguous form; dequantize it instead (`dequantize_linear`).
+    """
+    if config.method == "gptq":
+        q = unpack_gptq_qweight_out_in(qweight)  # [out, in]
+        zeros = unpack_gptq_qzeros(qzeros, config.gptq_zero_offset)  # [groups, out]
+    else:
+        q = unpack_awq_qweight_out_in(qweight)  # [out, in]
+        zeros = unpack_awq_qzeros(qzeros).astype(np.int32)  # [groups, out]
+    scales = np.asarray(scales).astype(np.float32)  # [groups, out]
+    _check_group_tensors(config.method.upper(), q.shape[::-1], zeros.shape, scales.shape)
+    in_features = q.shape[1]
+    group = in_features if config.group_size == -1 else config.group_size
+    if in_features % group or in_features // group != scales.shape[0]:
+        raise ValueError(
+            f"{config.method.upper()}: {in_features} input rows in groups of {group} do not make the "
+            f"{scales.shape[0]} groups of scales {scales.shape}"
+        )
+    if g_idx is not None and not np.array_equal(np.asarray(g_idx), default_g_idx(in_features, group)):
+        return None
+    leaves = {"qvalue": _pack_project_int4(q.astype(np.int8) - SIGNED_SHIFT, group), "scale": scales}
+    if config.zero_point:
+        leaves["offset"] = scales * (SIGNED_SHIFT - zeros).astype(np.float32)  # [groups, out]
+    elif np.any(zeros != SIGNED_SHIFT):
+        raise ValueError(
+            f"{config.method.upper()}: a symmetric checkpoint (sym: true) must have zero point "
+            f"{SIGNED_SHIFT} everywhere, found {zeros.min()}..{zeros.max()}"
+        )
+    return leaves
+
+
+def unpack_gptq_qweight_out_in(qweight: np.ndarray) -> np.ndarray:
+    """qweight [in/8, out] int32 -> [out, in] uint8 in 0..15 (`unpack_gptq_qweight` transposed,
+    unpacked from the transposed words: a uint8 transpose of the whole layer is several times slower)."""
+    return unpack_nibbles(np.ascontiguousarray(np.asarray(qweight).T))
+
+
+def unpack_awq_qweight_out_in(qweight: np.ndarray) -> np.ndarray:
+    """qweight [in, out/8] int32 -> [out, in] uint8 in 0..15 (`unpack_awq_qweight` transposed):
+    nibble k of the transposed words [out/8, in] is output row 8c + AWQ_PACK_ORDER[k]."""
+    words = np.ascontiguousarray(_unsigned_words(qweight).T)  # [out/8, in]
+    levels = np.empty((words.shape[0], NIBBLES_PER_WORD, words.shape[1]), np.uint8)  # [out/8, 8, in]
+    for k, column in enumerate(AWQ_PACK_ORDER):
+        levels[:, column, :] = (words >> np.uint32(BITS * k)) & np.uint32(NIBBLE_MASK)
+    return levels.reshape(-1, words.shape[1])
+
+
+def _pack_project_int4(q_signed: np.ndarray, group: int) -> np.ndarray:
+    """q_signed int8 [out, in] in -8..7 -> int8 [out, in/2] in the project's int4 layout."""
+    import jax
+
+    from bluelm_jax import quantize
+
+    with jax.default_device(jax.devices("cpu")[0]):  # host arrays in, a host array out
+        return np.asarray(quantize.pack_int4(q_signed, in_axis=1, group=group))
