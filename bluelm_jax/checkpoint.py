@@ -228,7 +228,7 @@ def write_converted_dir(directory: str | os.PathLike, write_params: Callable[[st
 # ------------------------------------------------------------------ abstract trees
 
 
-def _leaf_sharding(shardings: Shardings, path: PathT) -> jax.sharding.Sharding:
+def leaf_sharding(shardings: Shardings, path: PathT) -> jax.sharding.Sharding:
     if shardings is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if isinstance(shardings, jax.sharding.Sharding):
@@ -249,7 +249,7 @@ def abstract_params(config: BlueLMConfig, dtype: Any, shardings: Shardings = Non
     tree: dict = {}
     for leaf in leaves(config, KERNEL, quantization):
         set_path(tree, leaf.path, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype or dtype,
-                                                       sharding=_leaf_sharding(shardings, leaf.path)))
+                                                       sharding=leaf_sharding(shardings, leaf.path)))
     return tree
 
 

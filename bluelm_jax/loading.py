@@ -16,6 +16,7 @@ from bluelm_jax.config import BlueLMConfig
 from bluelm_jax.layout import inference_layout
 from bluelm_jax.sharding import transposed_sharding
 from bluelm_jax.model import BlueLMForCausalLM, build, forward
+from bluelm_jax.quantize import quantize_leaf
 from bluelm_jax.params import flatten, get_path, set_path
 
 TokenIds = Union[Sequence[Sequence[int]], np.ndarray, jax.Array]
@@ -107,7 +108,7 @@ _forward_jit = jax.jit(forward, static_argnames=("config", "compute_dtype"))
 
 def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
          shardings: checkpoint.Shardings = None, mesh: Any = None, layout: Optional[str] = None,
-         quantize: "P.Quantization | str | None" = None) -> BlueLM:
+         quantize: "P.Quantization | str | None" = None, dequantize: bool = False) -> BlueLM:
     """Loads a converted bluelm-jax directory, or a Hugging Face directory (converted in memory),
     or a Hugging Face Hub repo id such as "vivo-ai/BlueLM-7B-Chat" (`hub.resolve`).
 
@@ -122,7 +123,10 @@ def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
     quantize: "int8", "int4" or a params.Quantization: weight-only quantized projections
     (quantize.py), each quantized as it is read (from a Hugging Face dir, a block of output
     channels at a time), so no float copy of the model is ever held. A directory converted
-    with `--quantize` loads quantized as stored.
+    with `--quantize` loads quantized as stored. A GPTQ or AWQ 4-bit checkpoint (its
+    config.json has a quantization_config) loads into the int4 format with its zero points
+    (hf/quantized.py), or with `dequantize` into float projections (quantized by `quantize`
+    if given).
     Host memory peaks at about the parameters' bytes plus a few read blocks: leaves are read
     one at a time into their shards (see `checkpoint.read_leaf`), transposed block by block
     into the WEIGHT layout.
@@ -151,7 +155,13 @@ def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
     if converted:
         params = checkpoint.restore_params(path, config, dtype, shardings, layout, quantization)
     else:
-        params = _load_hf(path, config, dtype, shardings, layout, quantization)
+        from bluelm_jax.hf.quantized import read_quantization
+
+        packed = read_quantization(path)
+        if packed is None:
+            params = _load_hf(path, config, dtype, shardings, layout, quantization)
+        else:
+            params = _load_packed(path, config, dtype, mesh, shardings, layout, quantization, dequantize)
     return BlueLM(config, tokenizer, params, compute, path, mesh)
 
 
@@ -165,6 +175,38 @@ def _param_dtype(path: str, dtype: Any, converted: bool) -> jnp.dtype:
     from bluelm_jax.hf.to_orbax import resolve_dtype
 
     return jnp.dtype(resolve_dtype(None, HFCheckpoint(path)))
+
+
+def _load_packed(path: str, config: BlueLMConfig, dtype: Any, mesh: Any, shardings: checkpoint.Shardings,
+                 layout: str, quantization: Optional[P.Quantization], dequantize: bool) -> dict:
+    """A GPTQ/AWQ checkpoint (hf/quantized.py), leaf by leaf onto the devices: its int4 tree, or
+    with `dequantize` float projections (then quantized by `quantization` as they are read, if given)."""
+    from bluelm_jax.hf.quantized import int4_quantization, int4_tree_leaves, read_quantization, read_quantized_leaves
+    from bluelm_jax.hf.reader import HFCheckpoint
+
+    ckpt = HFCheckpoint(path)
+    name = None if dtype is None else checkpoint.dtype_name(dtype)
+    if dequantize:
+        leaves, tree = read_quantized_leaves(ckpt, config, dequantize=True, dtype=name, layout=layout), None
+    else:
+        tree = int4_quantization(ckpt, read_quantization(path))
+        if quantization not in (None, tree):
+            raise checkpoint.CheckpointError(f"{path}: a GPTQ/AWQ checkpoint loads as its own int4 ({tree.describe()}); "
+                                             f"load it with dequantize=True to quantize it as {quantization.kind}")
+        leaves = int4_tree_leaves(ckpt, config, tree, name, layout)
+    if mesh is not None:
+        from bluelm_jax import sharding
+
+        shardings = sharding.param_shardings(config, mesh, tree)
+    params: dict = {}
+    for leaf_path, value in leaves:
+        kernel_path = P.path_in(leaf_path, P.KERNEL)
+        target = checkpoint.leaf_sharding(shardings, kernel_path)
+        set_path(params, leaf_path, jax.device_put(value, target if kernel_path == leaf_path
+                                                   else transposed_sharding(target)))
+        if dequantize and quantization is not None:
+            quantize_leaf(params, leaf_path, quantization)
+    return params
 
 
 def _load_hf(path: str, config: BlueLMConfig, dtype: Any, shardings: checkpoint.Shardings, layout: str,

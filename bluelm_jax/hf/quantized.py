@@ -36,15 +36,17 @@ import json
 import os
 from typing import Iterator, Optional, Union
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bluelm_jax import checkpoint
+from bluelm_jax import quantize as Q
 from bluelm_jax.config import BlueLMConfig
 from bluelm_jax.packed_int4 import (NIBBLES_PER_WORD, QuantizationConfig, dequantize_linear, project_int4_leaves,
                                     read_quantization_config)
-from bluelm_jax.params import (IGNORED_HF_TENSORS, KERNEL, PROJECTIONS, WEIGHT, HFTensor, PathT, check_layout,
-                               hf_tensors)
+from bluelm_jax.params import (IGNORED_HF_TENSORS, KERNEL, OFFSET, PROJECTIONS, SCALE, WEIGHT, HFTensor, PathT,
+                               Quantization, check_layout, hf_tensors)
 from bluelm_jax.hf.reader import HFCheckpoint
 from bluelm_jax.hf.to_orbax import ConversionError, _names, _to_layout, resolve_dtype
 
@@ -229,3 +231,36 @@ def projection_leaves(projection: PackedProjection, quantization: QuantizationCo
         yield projection.leaf.path, weight.astype(float_dtype, copy=False)
     else:
         yield from ((projection.int4_path(leaf_name), value) for leaf_name, value in leaves.items())
+
+
+# ------------------------------------------------------------------ the whole int4 tree
+
+
+def int4_quantization(ckpt: HFCheckpoint, quantization: QuantizationConfig) -> Quantization:
+    """The project's quantization (params.Quantization) of a GPTQ/AWQ checkpoint's int4 tree:
+    its group size, lm_head when the checkpoint packs it, offsets when it has zero points."""
+    if quantization.group_size == -1:
+        raise ConversionError(f"{ckpt.directory}: group_size -1 (one group per projection) has no int4 form here "
+                              "(groups must have one size for every projection); load it dequantized")
+    return Quantization("int4", quantization.group_size, lm_head="lm_head.qweight" in ckpt.entries,
+                        offsets=quantization.zero_point)
+
+
+def int4_tree_leaves(ckpt: HFCheckpoint, config: BlueLMConfig, tree: Quantization, dtype: Optional[str] = None,
+                     layout: str = KERNEL) -> Iterator[tuple[PathT, np.ndarray]]:
+    """`read_quantized_leaves`, with every projection `tree` covers in the int4 format: a projection
+    the checkpoint stores in floating point or that has no int4 form (act_order) is quantized with
+    the project's own symmetric int4 (quantize.quantize_projection), with zero offsets when the
+    tree has offsets. So every leaf is one of `params.leaves(config, layout, tree)`."""
+    own = Quantization("int4", tree.group)
+    for path, array in read_quantized_leaves(ckpt, config, dtype=dtype, layout=layout):
+        if path[-1] not in (KERNEL, WEIGHT) or not tree.covers(path):
+            yield path, array
+            continue
+        with jax.default_device(jax.devices("cpu")[0]):
+            leaves = {name: np.asarray(value) for name, value in
+                      Q.quantize_projection(array, 0 if path[-1] == KERNEL else 1, own).items()}
+        if tree.offsets:
+            leaves[OFFSET] = np.zeros_like(leaves[SCALE])
+        for name, value in leaves.items():
+            yield (*path[:-1], name), value

@@ -18,10 +18,11 @@ needs it beside the weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,8 @@ from bluelm_jax.atomic_dir import refuse_existing, refuse_overlap
 from bluelm_jax.config import BlueLMConfig
 from bluelm_jax import quantize as Q
 from bluelm_jax.params import (IGNORED_HF_TENSORS, KERNEL, QVALUE, HFTensor, PathT, Quantization, as_quantization,
-                               get_path, hf_tensors, leaves, set_path, shape_of, weight_at)
+                               flatten, get_path, hf_tensors, leaves, param_shapes, set_path, shape_of,
+                               weight_at)
 from bluelm_jax.hf.reader import HFCheckpoint
 
 BLOCK_BYTES = 64 * 1024 * 1024  # largest block of a leaf written at once
@@ -225,12 +227,21 @@ def convert_hf_to_flax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dt
     if not os.path.isfile(tokenizer_file):
         raise ConversionError(f"{tokenizer_file}: missing (BlueLM checkpoints ship it; load() needs it)")
     ckpt = HFCheckpoint(hf_dir)
-    expected = check_tensors(ckpt, config)
     dtype = resolve_dtype(dtype, ckpt)
-    specs = leaf_specs(config, dtype, KERNEL, quantization)
+    from bluelm_jax.hf.quantized import read_quantization
+
+    packed = read_quantization(hf_dir)
+    if packed is None:
+        expected = check_tensors(ckpt, config)
+        specs = leaf_specs(config, dtype, KERNEL, quantization)
+        blocks = functools.partial(converted_blocks, ckpt, expected, specs, quantization=quantization)
+        tensors = len(expected)
+    else:
+        quantization, specs, blocks = _packed_conversion(ckpt, config, dtype, quantization)
+        tensors = len(ckpt.entries)
     total_bytes = sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in specs.values())
 
-    parameters = sum(int(np.prod(t.hf_shape)) for t in expected.values())
+    parameters = sum(int(np.prod(shape)) for _, shape in flatten(param_shapes(config)))
     with open(config_file, "rb") as f:
         config_bytes = f.read()  # kept as released
     with open(tokenizer_file, "rb") as f:
@@ -241,11 +252,33 @@ def convert_hf_to_flax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dt
     def write_params(params_dir: str) -> None:
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress,
                   file=sys.stderr) as bar:
-            checkpoint.save_params_streaming(params_dir, specs,
-                                             converted_blocks(ckpt, expected, specs, bar, quantization))
+            checkpoint.save_params_streaming(params_dir, specs, blocks(progress=bar))
 
     extra = {} if quantization is None else {"quantization": quantization.describe()}
     checkpoint.write_converted_dir(out_dir, write_params, config_bytes, tokenizer_model, dtype, force,
                                    ConversionError, num_parameters=parameters, source_format=ckpt.format, **extra)
     stored = dtype if quantization is None else f"{dtype} ({quantization.kind} projections)"
-    return ConversionSummary(out_dir, len(expected), parameters, total_bytes, stored, time.perf_counter() - start)
+    return ConversionSummary(out_dir, tensors, parameters, total_bytes, stored, time.perf_counter() - start)
+
+
+def _packed_conversion(ckpt: HFCheckpoint, config: BlueLMConfig, dtype: str,
+                       quantization: Optional[Quantization]) -> tuple[Quantization, dict, Callable]:
+    """A GPTQ/AWQ checkpoint's conversion into its int4 tree (hf/quantized.py): (the tree's
+    quantization, the leaf specs, blocks(progress) yielding each leaf whole as it is read)."""
+    from bluelm_jax.hf.quantized import int4_quantization, int4_tree_leaves, read_quantization
+
+    tree = int4_quantization(ckpt, read_quantization(ckpt.directory))
+    if quantization not in (None, tree):
+        raise ConversionError(f"{ckpt.directory}: a GPTQ/AWQ checkpoint converts to its own int4 "
+                              f"({tree.describe()}), not to {quantization.kind}")
+    specs = {leaf.path: checkpoint.LeafSpec(leaf.shape, np.dtype(leaf.dtype or dtype), leaf.shape)
+             for leaf in leaves(config, KERNEL, tree)}
+
+    def blocks(progress: Any = None) -> Iterator[checkpoint.Block]:
+        for path, value in int4_tree_leaves(ckpt, config, tree, dtype):
+            yield path, (), value
+            if progress is not None:
+                progress.update(value.nbytes)
+            interrupts.check()
+
+    return tree, specs, blocks
