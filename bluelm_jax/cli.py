@@ -102,7 +102,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="shard the model over a device mesh, e.g. 'data=1,tensor=8' (default: one device)")
     p.add_argument("--quantize", default=None, choices=("int8", "int4"),
                    help="quantize the projections as they load (weight-only: int8 per output channel, int4 in "
-                        "groups of 128); a checkpoint converted with --quantize loads quantized without it")
+                        "groups of 128, fewer where 128 does not divide the model's sizes); a checkpoint converted with --quantize loads quantized without it")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, *, max_new: int, temperature: float, top_p: float,

@@ -141,7 +141,7 @@ def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
     from bluelm_jax.tokenizer import BlueLMTokenizer
 
     tokenizer = BlueLMTokenizer(tokenizer_file)
-    quantization = P.as_quantization(quantize)
+    quantization = P.as_quantization(quantize, config)
     compute = jnp.dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype()
     converted = checkpoint.is_converted_dir(path)
     stored = checkpoint.stored_quantization(path) if converted else None

@@ -123,10 +123,22 @@ class Quantization:
         return cls(**value)
 
 
-def as_quantization(value: "Quantization | str | None") -> "Quantization | None":
-    """None, a Quantization, or its kind as a string ("int8", "int4")."""
+def int4_group(c: BlueLMConfig) -> int:
+    """INT4_GROUP, or for a model whose input sizes it does not divide (the default model's 704),
+    the largest power of two below it that divides them all."""
+    group = INT4_GROUP
+    while group > 2 and (c.hidden_size % group or c.intermediate_size % group
+                         or (c.num_attention_heads * c.head_dim) % group):
+        group //= 2
+    return group
+
+
+def as_quantization(value: "Quantization | str | None", c: BlueLMConfig) -> "Quantization | None":
+    """None, a Quantization, or its kind as a string ("int8", "int4": groups of `int4_group(c)`)."""
     if value is None or isinstance(value, Quantization):
         return value
+    if value == "int4":
+        return Quantization(value, int4_group(c))
     if isinstance(value, str):
         return Quantization(value)
     raise ValueError(f"quantize must be None, 'int8', 'int4' or a Quantization, got {value!r}")

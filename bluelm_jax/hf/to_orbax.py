@@ -214,7 +214,6 @@ def convert_hf_to_flax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dt
     """Converts `hf_dir` into a new bluelm-jax directory `out_dir`, atomically; raises on bad input.
     `quantize` ("int8", "int4" or a params.Quantization) stores the projections quantized, each
     quantized a block of output channels at a time as it streams (recorded in bluelm_jax.json)."""
-    quantization = as_quantization(quantize)
     start = time.perf_counter()
     hf_dir, out_dir = os.path.abspath(hub.resolve(hf_dir)), os.path.abspath(out_dir)
     if not os.path.isdir(hf_dir):
@@ -223,6 +222,7 @@ def convert_hf_to_flax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dt
     refuse_existing(out_dir, force, ConversionError)
     config_file = os.path.join(hf_dir, checkpoint.CONFIG_FILE)
     config = BlueLMConfig.from_json_file(config_file)
+    quantization = as_quantization(quantize, config)
     tokenizer_file = os.path.join(hf_dir, checkpoint.TOKENIZER_FILE)
     if not os.path.isfile(tokenizer_file):
         raise ConversionError(f"{tokenizer_file}: missing (BlueLM checkpoints ship it; load() needs it)")
