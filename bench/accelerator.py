@@ -84,6 +84,8 @@ INIT_STD = 0.02
 INT8_CACHE_TOLERANCE = 0.05  # relative L2 error of a tiny model's logits, int8 cache vs float cache
 STOP_SLOTS = 8
 COMPUTE_DTYPE = jnp.bfloat16
+# --fast-compile: XLA's quick code generation (tests; the timings are then not representative)
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def log(*parts) -> None:
@@ -230,6 +232,13 @@ def tile_state(state: decode.DecodeState, batch: int) -> decode.DecodeState:
     return jax.tree.map(tile, state)
 
 
+def compile_jitted(jitted, *args, options: Optional[dict] = None, **statics) -> tuple[Any, float]:
+    """(jitted lowered for `args` and compiled with XLA `options`, the seconds that took)."""
+    t = time.perf_counter()
+    compiled = jitted.lower(*args, **statics).compile(compiler_options=options)
+    return compiled, time.perf_counter() - t
+
+
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     """(best seconds of `repeats` calls of fn, the last result), each call waited for."""
     best, out = float("inf"), None
@@ -250,17 +259,16 @@ class PrefillResult:
     state: decode.DecodeState  # the batch-1 state after the prompt (the decode prototype)
 
 
-def run_prefill(params: dict, config: BlueLMConfig, prefill_len: int, width: int, repeats: int = 2) -> PrefillResult:
+def run_prefill(params: dict, config: BlueLMConfig, prefill_len: int, width: int, repeats: int = 2,
+                options: Optional[dict] = None) -> PrefillResult:
     """decode.prefill of one random prompt of `prefill_len` tokens into a cache of prefill_len + width slots."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(4, config.vocab_size, (1, prefill_len)).astype(np.int32)
-    start = np.zeros((1,), np.int32)
-    call = lambda: decode.prefill(params, tokens, start, no_stop_request(1, width), sampling.row_keys(0, 1),  # noqa: E731
-                                  static=greedy_static(config), cache_len=prefill_len + width, width=width)
-    t = time.perf_counter()
-    free(jax.block_until_ready(call()))  # compiles
-    compile_s = time.perf_counter() - t
-    seconds, state = timed(call, repeats)
+    inputs = (params, tokens, np.zeros((1,), np.int32), no_stop_request(1, width), sampling.row_keys(0, 1))
+    compiled, compile_s = compile_jitted(decode.prefill, *inputs, options=options, static=greedy_static(config),
+                                         cache_len=prefill_len + width, width=width)
+    free(jax.block_until_ready(compiled(*inputs)))  # a first run: buffers and kernels warmed up
+    seconds, state = timed(lambda: compiled(*inputs), repeats)
     return PrefillResult(seconds, prefill_len / seconds, compile_s, state)
 
 
@@ -272,21 +280,20 @@ def kv_bytes_per_step(state: decode.DecodeState, batch: int, filled: float) -> f
 
 
 def run_decode(params: dict, config: BlueLMConfig, prototype: decode.DecodeState, batch: int, width: int,
-               repeats: int = 2) -> dict:
+               repeats: int = 2, options: Optional[dict] = None) -> dict:
     """Times decode.decode_loop from `prototype` tiled to `batch` rows until `width` tokens a row."""
-    static, request, until = greedy_static(config), no_stop_request(batch, width), np.int32(width)
+    request, until = no_stop_request(batch, width), np.int32(width)
     first_step = int(prototype.step)
+    compiled, compile_s = compile_jitted(decode.decode_loop, params, tile_state(prototype, batch), request, until,
+                                         options=options, static=greedy_static(config))
 
     def call():
-        state = tile_state(prototype, batch)
-        jax.block_until_ready(state)
+        state = jax.block_until_ready(tile_state(prototype, batch))
         t = time.perf_counter()
-        state = jax.block_until_ready(decode.decode_loop(params, state, request, until, static=static))
+        state = jax.block_until_ready(compiled(params, state, request, until))
         return time.perf_counter() - t, state
 
-    t = time.perf_counter()
-    free(call()[1])  # compiles
-    compile_s = time.perf_counter() - t
+    free(call()[1])  # a first run: buffers and kernels warmed up
     best, steps = float("inf"), 0
     for _ in range(repeats):
         seconds, state = call()
@@ -302,7 +309,7 @@ def run_decode(params: dict, config: BlueLMConfig, prototype: decode.DecodeState
 # --------------------------------------------------------------------------- int8 KV cache detection
 
 
-def int8_cache_support() -> tuple[bool, str]:
+def int8_cache_support(options: Optional[dict] = None) -> tuple[bool, str]:
     """(whether model.init_cache(dtype=jnp.int8) gives a working int8 cache, why not / what was checked).
 
     A tiny float32 model whose values are small (v_proj scaled by 0.1, under the 0.5 that an int8
@@ -316,14 +323,15 @@ def int8_cache_support() -> tuple[bool, str]:
         layer["self_attn"]["o_proj"]["kernel"] = layer["self_attn"]["o_proj"]["kernel"] * 100
     tokens = jnp.asarray(np.random.default_rng(0).integers(4, config.vocab_size, (1, 16)), jnp.int32)
 
-    @functools.partial(jax.jit, static_argnums=1)
-    def logits(params, cache_dtype):
-        cache = init_cache(config, 1, 32, dtype=cache_dtype)
-        return forward(params, tokens, jnp.arange(16, dtype=jnp.int32)[None], config, cache=cache)[0]
+    def logits(cache_dtype):
+        def run(params):
+            cache = init_cache(config, 1, 32, dtype=cache_dtype)
+            return forward(params, tokens, jnp.arange(16, dtype=jnp.int32)[None], config, cache=cache)[0]
+        return np.asarray(compile_jitted(jax.jit(run), params, options=options)[0](params), np.float64)
 
-    reference = np.asarray(logits(params, jnp.float32), np.float64)
+    reference = logits(jnp.float32)
     try:
-        quantized = np.asarray(logits(params, jnp.int8), np.float64)
+        quantized = logits(jnp.int8)
     except Exception as e:  # noqa: BLE001 - any failure means: no int8 cache
         return False, f"init_cache(dtype=int8) or a forward pass through it failed: {type(e).__name__}: {one_line(e)[:200]}"
     error = float(np.linalg.norm(quantized - reference) / np.linalg.norm(reference))
@@ -357,12 +365,11 @@ def compiled_memory(compiled) -> dict:
             for key, attr in names.items()}
 
 
-def run_long_prefill(params: dict, config: BlueLMConfig, length: int, cache_dtype, repeats: int = 1) -> dict:
+def run_long_prefill(params: dict, config: BlueLMConfig, length: int, cache_dtype, repeats: int = 1,
+                     options: Optional[dict] = None) -> dict:
     tokens = jnp.asarray(np.random.default_rng(1).integers(4, config.vocab_size, (1, length)), jnp.int32)
-    statics = dict(config=config, cache_len=length, cache_dtype=cache_dtype)
-    t = time.perf_counter()
-    compiled = long_prefill.lower(params, tokens, **statics).compile()
-    compile_s = time.perf_counter() - t
+    compiled, compile_s = compile_jitted(long_prefill, params, tokens, options=options, config=config,
+                                         cache_len=length, cache_dtype=cache_dtype)
     memory = compiled_memory(compiled)
     seconds, out = timed(lambda: compiled(params, tokens), repeats)
     cache_bytes = sum(x.nbytes for x in jax.tree.leaves(out[1]) if x.ndim >= 1)
@@ -385,6 +392,8 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--copy-mib", type=int, default=None, help="array size of the bandwidth copy (default 2048; tiny 16)")
     ap.add_argument("--budget-s", type=float, default=280.0, help="stop starting measurements past this (default 280)")
     ap.add_argument("--no-memory-table", action="store_true", help="skip the abstract decode-step memory table")
+    ap.add_argument("--fast-compile", action="store_true",
+                    help="quick XLA code generation (for tests: faster compiles, timings not representative)")
     ap.add_argument("--out", default=None, help="also write the summary as JSON here")
     args = ap.parse_args(argv)
     new_tokens, prefill_len, long_len, copy_mib = LENGTH_DEFAULTS[args.shape]
@@ -400,6 +409,7 @@ def parse_args(argv) -> argparse.Namespace:
     if not 0 <= args.long_prefill_len <= long_context:
         ap.error(f"--long-prefill-len must be in [0, {long_context}] (the 32K model's context), "
                  f"got {args.long_prefill_len}")
+    args.options = FAST_COMPILE if args.fast_compile else None
     args.kinds = list(dict.fromkeys(args.kinds))
     args.batches = list(dict.fromkeys(args.batches))
     return args
@@ -416,7 +426,7 @@ def measure_kind(runner: Runner, kind: str, config: BlueLMConfig, args, summary:
     log(f"  {kind}: {entry['weight_bytes'] / GB:.2f} GB of weights, {entry['weight_bytes_per_step'] / GB:.2f} GB "
         f"read per decode step")
     prefill = runner.run(f"{kind}: prefill {args.prefill_len} tokens (batch 1)", "prefill",
-                         lambda: run_prefill(params, config, args.prefill_len, args.new_tokens))
+                         lambda: run_prefill(params, config, args.prefill_len, args.new_tokens, options=args.options))
     if prefill is not None:
         entry["prefill"] = {"tokens": args.prefill_len, "seconds": prefill.seconds,
                             "tokens_per_s": prefill.tokens_per_s, "compile_s": prefill.compile_s}
@@ -426,7 +436,8 @@ def measure_kind(runner: Runner, kind: str, config: BlueLMConfig, args, summary:
         filled = (args.prefill_len + args.new_tokens / 2) / cache_len
         for batch in args.batches:
             result = runner.run(f"{kind}: decode batch {batch}", "decode",
-                                lambda: run_decode(params, config, prefill.state, batch, args.new_tokens))
+                                lambda: run_decode(params, config, prefill.state, batch, args.new_tokens,
+                                                   options=args.options))
             if result is None:
                 continue
             result["cache_len"] = cache_len
@@ -456,7 +467,7 @@ def measure_long_prefill(runner: Runner, kind: str, config: BlueLMConfig, args, 
     def run():
         params = random_params(config, quantization_of_kind(kind))
         try:
-            return run_long_prefill(params, config, args.long_prefill_len, cache_dtype)
+            return run_long_prefill(params, config, args.long_prefill_len, cache_dtype, options=args.options)
         finally:
             free(params)
 
@@ -539,7 +550,8 @@ def main(argv=None) -> int:
     runner = Runner(args.budget_s)
     device = jax.devices()[0]
     summary: dict = {"device": f"{device.platform} {getattr(device, 'device_kind', '')}".strip(),
-                     "backend": jax.default_backend(), "shape": args.shape, "args": vars(args).copy(),
+                     "backend": jax.default_backend(), "shape": args.shape,
+                     "args": {k: v for k, v in vars(args).items() if k != "options"},
                      "kinds": {}, "ratios": {}, "int8_cache": {"available": False, "note": "not checked"}}
     log(f"bench/accelerator.py on {summary['device']} ({jax.device_count()} device(s), using the first); "
         f"shape {args.shape}; kinds {' '.join(args.kinds)}; batches {' '.join(map(str, args.batches))}")
@@ -548,7 +560,7 @@ def main(argv=None) -> int:
     summary["copy_bandwidth_bytes_per_s"] = bandwidth
     if bandwidth:
         log(f"  {bandwidth / GB:,.1f} GB/s (read + write)")
-    support = runner.run("int8 KV cache support", "check", int8_cache_support)
+    support = runner.run("int8 KV cache support", "check", lambda: int8_cache_support(args.options))
     if support is not None:
         summary["int8_cache"] = {"available": support[0], "note": support[1]}
         log(f"  int8 cache {'available' if support[0] else 'not available'}: {support[1]}")
@@ -566,7 +578,7 @@ def main(argv=None) -> int:
         from bench.quantized_memory import memory_rows
 
         summary["memory_table"] = memory_rows(args.shape, args.kinds, runner=runner,
-                                              int8_cache=summary["int8_cache"]["available"])
+                                              int8_cache=summary["int8_cache"]["available"], options=args.options)
     summary["errors"], summary["skipped"] = runner.errors, runner.skipped
     summary["elapsed_s"] = runner.elapsed()
     log("\n== summary ==")

@@ -21,6 +21,7 @@ import argparse
 import functools
 import os
 import sys
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -28,8 +29,8 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bench.accelerator import (COMPUTE_DTYPE, GB, KINDS, SHAPES, Runner, compiled_memory,  # noqa: E402
-                               int8_cache_support, log, quantization_of_kind)
+from bench.accelerator import (COMPUTE_DTYPE, GB, KINDS, SHAPES, Runner, compile_jitted,  # noqa: E402
+                               compiled_memory, int8_cache_support, log, quantization_of_kind)
 from bluelm_jax import decode  # noqa: E402
 from bluelm_jax.checkpoint import abstract_params  # noqa: E402
 from bluelm_jax.config import BlueLMConfig  # noqa: E402
@@ -47,12 +48,13 @@ def decode_step(params: dict, token: jax.Array, cache, *, config):
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
 
 
-def step_memory(kind: str, config: BlueLMConfig, cache_len: int, cache_dtype, batch: int = 1) -> dict:
+def step_memory(kind: str, config: BlueLMConfig, cache_len: int, cache_dtype, batch: int = 1,
+                options: Optional[dict] = None) -> dict:
     """The compiled memory of one decode step of `kind` weights with a cache of `cache_len` slots."""
     params = abstract_params(config, jnp.bfloat16, None, quantization_of_kind(kind))
     cache = jax.eval_shape(lambda: init_cache(config, batch, cache_len, dtype=cache_dtype))
     token = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    memory = compiled_memory(decode_step.lower(params, token, cache, config=config).compile())
+    memory = compiled_memory(compile_jitted(decode_step, params, token, cache, options=options, config=config)[0])
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
     parts = [memory[k] for k in ("argument", "output", "temp")]
@@ -63,12 +65,12 @@ def step_memory(kind: str, config: BlueLMConfig, cache_len: int, cache_dtype, ba
 
 
 def memory_rows(shape: str, kinds, runner: Runner | None = None, int8_cache: bool | None = None,
-                batch: int = 1) -> list[dict]:
+                batch: int = 1, options: Optional[dict] = None) -> list[dict]:
     """`step_memory` for each kind x cache (x cache dtype), each in `runner` (failures and an
     exhausted budget leave a row out)."""
     runner = runner or Runner(float("inf"))
     if int8_cache is None:
-        available, note = int8_cache_support()
+        available, note = int8_cache_support(options)
         int8_cache = available
         log(f"int8 cache {'available' if available else 'not available'}: {note}")
     cache_dtypes = (COMPUTE_DTYPE, jnp.int8) if int8_cache else (COMPUTE_DTYPE,)
@@ -77,7 +79,7 @@ def memory_rows(shape: str, kinds, runner: Runner | None = None, int8_cache: boo
         for cache_dtype in cache_dtypes:
             for kind in kinds:
                 row = runner.run(f"decode-step memory: {kind} weights, {cache_len} slots {jnp.dtype(cache_dtype).name}",
-                                 "memory-table", lambda: step_memory(kind, config, cache_len, cache_dtype, batch))
+                                 "memory-table", lambda: step_memory(kind, config, cache_len, cache_dtype, batch, options))
                 if row is not None:
                     rows.append(row)
     return rows
