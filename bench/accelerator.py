@@ -18,7 +18,8 @@ quantize.quantize_leaf, so the device holds at most one float leaf above the qua
   * decode tokens/s at each `--batches` size: the project's compiled decode loop
     (decode.decode_loop, greedy, bf16 compute, no stop id) after the project's compiled prefill
     (decode.prefill) of `--prefill-len` tokens, so the cache holds ~2K filled slots. The batch-1
-    prefill state is tiled to the larger batches. Weight bytes read per step: every parameter but
+    prefill state is tiled to the larger batches. Each program is lowered and compiled first
+    (compile time reported apart), run once, then timed (best of two). Weight bytes read per step: every parameter but
     the embedding table (of which a step reads one row per token). HBM roofline fraction =
     weight bytes per step x steps/s / the device's copy bandwidth, measured here (an elementwise
     jitted x + 1 over a large float32 array, the read and the write counted, STREAM style). The
@@ -34,9 +35,15 @@ quantize.quantize_leaf, so the device holds at most one float leaf above the qua
     summary says "int8 cache not available" with the reason.
   * peak device memory: memory_stats()["peak_bytes_in_use"] ("n/a" where the backend has none,
     e.g. the CPU). XLA cannot reset that peak, so the kinds run in increasing weight size
-    (int4, int8, bf16) and each kind's figure is the process peak after its 2K measurements,
-    which are then its own; the long prefill's memory is given by its compiled memory analysis
-    (arguments + outputs + temporaries) instead, since it runs after every kind's 2K block.
+    (int4, int8, bf16), one kind's weights on the device at a time, and a kind's figure is the
+    process peak after its first block (weights, prefill, decode at the first batch size), which
+    is then its own. The later blocks (decode at the other batch sizes, the long prefill) generate
+    the kind's weights again and give their memory as the compiled memory analysis of their
+    programs (arguments, outputs, temporaries) in the JSON.
+
+Order, most important first, so that a short budget drops the least: every kind's first block
+(which gives the int8/bf16 ratio at batch 1), then the other batch sizes, then the long prefills,
+then the memory table.
   * ratios: int8/bf16 and int4/bf16 decode tokens/s at batch 1 (the issue's accelerator claim:
     int8 >= 1.6x bf16).
 
@@ -256,7 +263,9 @@ class PrefillResult:
     seconds: float
     tokens_per_s: float
     compile_s: float
+    memory: dict  # compiled_memory of the prefill
     state: decode.DecodeState  # the batch-1 state after the prompt (the decode prototype)
+    rerun: Callable[[dict], decode.DecodeState]  # the compiled prefill again, for weights of the same shapes
 
 
 def run_prefill(params: dict, config: BlueLMConfig, prefill_len: int, width: int, repeats: int = 2,
@@ -269,7 +278,8 @@ def run_prefill(params: dict, config: BlueLMConfig, prefill_len: int, width: int
                                          cache_len=prefill_len + width, width=width)
     free(jax.block_until_ready(compiled(*inputs)))  # a first run: buffers and kernels warmed up
     seconds, state = timed(lambda: compiled(*inputs), repeats)
-    return PrefillResult(seconds, prefill_len / seconds, compile_s, state)
+    return PrefillResult(seconds, prefill_len / seconds, compile_s, compiled_memory(compiled), state,
+                         lambda new_params: compiled(new_params, *inputs[1:]))
 
 
 def kv_bytes_per_step(state: decode.DecodeState, batch: int, filled: float) -> float:
@@ -284,8 +294,9 @@ def run_decode(params: dict, config: BlueLMConfig, prototype: decode.DecodeState
     """Times decode.decode_loop from `prototype` tiled to `batch` rows until `width` tokens a row."""
     request, until = no_stop_request(batch, width), np.int32(width)
     first_step = int(prototype.step)
-    compiled, compile_s = compile_jitted(decode.decode_loop, params, tile_state(prototype, batch), request, until,
-                                         options=options, static=greedy_static(config))
+    tiled = jax.eval_shape(lambda state: tile_state(state, batch), prototype)  # shapes only: nothing allocated
+    compiled, compile_s = compile_jitted(decode.decode_loop, params, tiled, request, until, options=options,
+                                         static=greedy_static(config))
 
     def call():
         state = jax.block_until_ready(tile_state(prototype, batch))
@@ -303,7 +314,7 @@ def run_decode(params: dict, config: BlueLMConfig, prototype: decode.DecodeState
     if steps < 1:
         raise RuntimeError(f"the decode loop took {steps} steps")
     return {"seconds_per_step": best / steps, "steps_per_s": steps / best, "tokens_per_s": batch * steps / best,
-            "steps": steps, "compile_s": compile_s}
+            "steps": steps, "compile_s": compile_s, "compiled_memory": compiled_memory(compiled)}
 
 
 # --------------------------------------------------------------------------- int8 KV cache detection
@@ -415,12 +426,29 @@ def parse_args(argv) -> argparse.Namespace:
     return args
 
 
-def measure_kind(runner: Runner, kind: str, config: BlueLMConfig, args, summary: dict) -> None:
-    """Weights of `kind`, its prefill and its decode at each batch size, recorded in summary['kinds'][kind]."""
+def record_decode(entry: dict, result: dict, prototype: decode.DecodeState, batch: int, args, bandwidth) -> None:
+    """Adds the bytes per step and the roofline fractions to a `run_decode` result; stores and prints it."""
+    cache_len = args.prefill_len + args.new_tokens
+    result["cache_len"] = cache_len
+    result["weight_bytes_per_step"] = entry["weight_bytes_per_step"]
+    result["kv_bytes_per_step"] = kv_bytes_per_step(prototype, batch, (args.prefill_len + args.new_tokens / 2) / cache_len)
+    if bandwidth:
+        result["hbm_fraction"] = entry["weight_bytes_per_step"] * result["steps_per_s"] / bandwidth
+        result["hbm_fraction_with_kv"] = ((entry["weight_bytes_per_step"] + result["kv_bytes_per_step"])
+                                          * result["steps_per_s"] / bandwidth)
+    entry["decode"][str(batch)] = result
+    log(f"  decode batch {batch}: {result['tokens_per_s']:,.1f} tokens/s, {result['seconds_per_step'] * 1e3:.2f} ms/step, "
+        f"HBM fraction {result.get('hbm_fraction', float('nan')):.2f} "
+        f"(with KV {result.get('hbm_fraction_with_kv', float('nan')):.2f}), compile {result['compile_s']:.1f} s")
+
+
+def measure_kind(runner: Runner, kind: str, config: BlueLMConfig, args, summary: dict) -> Optional[Callable]:
+    """The first block of a kind: its weights, the prefill, decode at the first batch size, and the peak
+    device memory after them. Returns the compiled prefill (params -> state) for `measure_more_batches`."""
     entry = summary["kinds"].setdefault(kind, {"decode": {}})
     params = runner.run(f"{kind}: random weights", "weights", lambda: random_params(config, quantization_of_kind(kind)))
     if params is None:
-        return
+        return None
     entry["weight_bytes"] = tree_bytes(params)
     entry["weight_bytes_per_step"] = weight_bytes_per_step(params)
     log(f"  {kind}: {entry['weight_bytes'] / GB:.2f} GB of weights, {entry['weight_bytes_per_step'] / GB:.2f} GB "
@@ -429,34 +457,39 @@ def measure_kind(runner: Runner, kind: str, config: BlueLMConfig, args, summary:
                          lambda: run_prefill(params, config, args.prefill_len, args.new_tokens, options=args.options))
     if prefill is not None:
         entry["prefill"] = {"tokens": args.prefill_len, "seconds": prefill.seconds,
-                            "tokens_per_s": prefill.tokens_per_s, "compile_s": prefill.compile_s}
+                            "tokens_per_s": prefill.tokens_per_s, "compile_s": prefill.compile_s,
+                            "compiled_memory": prefill.memory}
         log(f"  prefill: {prefill.tokens_per_s:,.0f} tokens/s ({prefill.seconds * 1e3:.1f} ms, "
             f"compile {prefill.compile_s:.1f} s)")
-        cache_len = args.prefill_len + args.new_tokens
-        filled = (args.prefill_len + args.new_tokens / 2) / cache_len
-        for batch in args.batches:
-            result = runner.run(f"{kind}: decode batch {batch}", "decode",
-                                lambda: run_decode(params, config, prefill.state, batch, args.new_tokens,
-                                                   options=args.options))
-            if result is None:
-                continue
-            result["cache_len"] = cache_len
-            result["weight_bytes_per_step"] = entry["weight_bytes_per_step"]
-            result["kv_bytes_per_step"] = kv_bytes_per_step(prefill.state, batch, filled)
-            bandwidth = summary.get("copy_bandwidth_bytes_per_s")
-            if bandwidth:
-                result["hbm_fraction"] = entry["weight_bytes_per_step"] * result["steps_per_s"] / bandwidth
-                result["hbm_fraction_with_kv"] = ((entry["weight_bytes_per_step"] + result["kv_bytes_per_step"])
-                                                  * result["steps_per_s"] / bandwidth)
-            entry["decode"][str(batch)] = result
-            log(f"  decode batch {batch}: {result['tokens_per_s']:,.1f} tokens/s, "
-                f"{result['seconds_per_step'] * 1e3:.2f} ms/step, HBM fraction "
-                f"{result.get('hbm_fraction', float('nan')):.2f} (with KV {result.get('hbm_fraction_with_kv', float('nan')):.2f}), "
-                f"compile {result['compile_s']:.1f} s")
+        batch = args.batches[0]
+        result = runner.run(f"{kind}: decode batch {batch}", "decode",
+                            lambda: run_decode(params, config, prefill.state, batch, args.new_tokens, options=args.options))
+        if result is not None:
+            record_decode(entry, result, prefill.state, batch, args, summary.get("copy_bandwidth_bytes_per_s"))
         free(prefill.state)
     peak = peak_device_bytes()
     entry["peak_bytes"] = peak
     log(f"  peak device memory so far: {'n/a' if peak is None else f'{peak / GB:.2f} GB'}")
+    free(params)
+    return None if prefill is None else prefill.rerun
+
+
+def measure_more_batches(runner: Runner, kind: str, config: BlueLMConfig, prefill: Callable, args,
+                         summary: dict) -> None:
+    """Decode at the other batch sizes: the kind's weights again, its compiled prefill rerun for the
+    prototype state, tiled to each batch."""
+    entry = summary["kinds"][kind]
+    params = runner.run(f"{kind}: random weights again", "weights",
+                        lambda: random_params(config, quantization_of_kind(kind)))
+    if params is None:
+        return
+    prototype = runner.run(f"{kind}: prefill again", "rerun", lambda: jax.block_until_ready(prefill(params)))
+    for batch in args.batches[1:] if prototype is not None else ():
+        result = runner.run(f"{kind}: decode batch {batch}", "decode",
+                            lambda: run_decode(params, config, prototype, batch, args.new_tokens, options=args.options))
+        if result is not None:
+            record_decode(entry, result, prototype, batch, args, summary.get("copy_bandwidth_bytes_per_s"))
+    free(prototype)
     free(params)
 
 
@@ -490,7 +523,7 @@ def add_ratios(summary: dict) -> None:
 
 
 def _gb(value) -> str:
-    return "n/a" if value is None else f"{value / GB:.2f}"
+    return "n/a" if value is None else f"{value / GB:.3g}"
 
 
 def _num(value, fmt: str) -> str:
@@ -568,9 +601,12 @@ def main(argv=None) -> int:
     base, long_config = SHAPES[args.shape]
     ordered = sorted(args.kinds, key=WEIGHT_ORDER.__getitem__)
     log(f"kinds run in increasing weight size ({' '.join(ordered)}): each peak is then the kind's own")
-    for kind in ordered:
-        measure_kind(runner, kind, base, args, summary)
+    prefills = {kind: measure_kind(runner, kind, base, args, summary) for kind in ordered}
     add_ratios(summary)
+    if len(args.batches) > 1:
+        for kind in ordered:
+            if prefills[kind] is not None:
+                measure_more_batches(runner, kind, base, prefills[kind], args, summary)
     if args.long_prefill_len:
         for kind in ordered:
             measure_long_prefill(runner, kind, long_config, args, summary)

@@ -89,7 +89,7 @@ def format_rows(rows: list[dict], device_gb: float = 16.0) -> str:
     """The rows as a text table, with whether each step fits a device of `device_gb` GB."""
     header = ("weights", "cache", "weights GB", "cache GB", "argument GB", "output GB", "alias GB", "temp GB",
               "total GB", f"fits {device_gb:g} GB")
-    gb = lambda v: "n/a" if v is None else f"{v / GB:.2f}"  # noqa: E731
+    gb = lambda v: "n/a" if v is None else f"{v / GB:.3g}"  # noqa: E731
     body = [(r["kind"], f"{r['cache_len']} x {r['cache_dtype']}", gb(r["weight_bytes"]), gb(r["cache_bytes"]),
              gb(r["argument"]), gb(r["output"]), gb(r["alias"]), gb(r["temp"]), gb(r["total"]),
              "n/a" if r["total"] is None else ("yes" if r["total"] <= device_gb * GB else "no")) for r in rows]
