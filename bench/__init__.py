@@ -1,1 +1,1 @@
-"""Benchmarks, run by hand (never by the tests): python bench/NAME.py --help."""
+"""Benchmarks, run by hand: python bench/NAME.py --help (tests/test_accelerator_bench.py runs accelerator.py on a tiny shape)."""
