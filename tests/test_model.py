@@ -183,7 +183,7 @@ def test_adapters_equal_merged_weights_and_remat_keeps_gradients():
 
 # ------------------------------------------------------------------ int8 KV cache
 
-INT8_CACHE_LOGIT_TOLERANCE = 0.01  # max |int8-cache - float-cache logits| at a 4K context (measured 0.0022; logits span 1.05)
+INT8_CACHE_LOGIT_TOLERANCE = 0.01  # max |int8 - float cache logits| at 4K (measured 0.0022; logits span 1.05)
 
 
 def cache_bytes(cache) -> int:
@@ -196,8 +196,8 @@ def test_int8_cache_halves_the_cache_memory():
     assert not bf16.quantized and bf16.k_scale == () and int8.quantized
     assert [x.dtype for x in int8.k + int8.v] == [jnp.int8] * 4
     assert [x.shape for x in int8.k_scale + int8.v_scale] == [(2, config.num_key_value_heads, 96)] * 4
-    buffers = 2 * config.num_hidden_layers * 2 * config.num_key_value_heads * 96  # (k, v) x layers x rows x heads x slots
-    assert cache_bytes(bf16) - cache_bytes(int8) == buffers * (config.head_dim * 2 - config.head_dim - 4)
+    rows = 2 * config.num_hidden_layers * 2 * config.num_key_value_heads * 96  # (k, v), layers, batch, heads, slots
+    assert cache_bytes(bf16) - cache_bytes(int8) == rows * (config.head_dim * 2 - config.head_dim - 4)
     assert cache_bytes(int8) <= cache_bytes(bf16) * (1 + 4 / config.head_dim) / 2 + 2 * 4 + 2 * 4  # + index, start
 
 
