@@ -33,7 +33,8 @@ the layout read from the names in `params`).
 
 The KV cache stays outside the modules: a pytree passed in and returned, one preallocated
 buffer per layer for keys and one for values, `[batch, kv_heads, max_len, head_dim]`, written
-in place with `dynamic_update_slice`. One buffer per layer, not one stacked array: a layer of
+in place with `dynamic_update_slice` (an int8 cache also holds a float32 scale per slot and
+head, `[batch, kv_heads, max_len]`, and quantizes the rows it writes). One buffer per layer, not one stacked array: a layer of
 a stacked cache is a slice that XLA's CPU backend copies before every product (a decode step
 then copied the whole cache); heads before slots, so that a decode step's products read
 each head's keys as one block with no transpose (`python -m bench.cache_layout`). Rows of a
