@@ -7,6 +7,12 @@ block). Every implementation here computes the same thing: the query at row t si
 (causal, with row b's left padding before `start[b]` invisible). Scores and softmax are
 float32.
 
+An int8 cache (`quantize_kv`) holds keys and values as int8 with a float32 scale per slot and
+head: x = x_int8 * scale. The dense and chunked kernels read it as it is: the key scale
+multiplies the scores after the q.k product, the value scale the probabilities before the
+p.v product (exact algebra: sum_d q_d k_sd s_s = s_s (q . k_s); sum_s p_s v_sd s_s =
+sum_s (p_s s_s) v_sd), so nothing but the block being read is converted.
+
     dot_product_attention   dense: builds the [seq, slots] scores (short inputs only)
     chunked_attention       flash-style online softmax over key blocks; never builds
                             [seq, slots]; visits only the key blocks a query block can
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Union
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +44,26 @@ IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn", "pallas")
 _NEG = -1e30  # "minus infinity" that keeps exp() and max() finite
 
 Offset = Union[int, jax.Array]
+INT8_MAX = 127.0
+
+
+def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 of keys or values x [batch, kv_heads, seq, head_dim], one scale per slot and head.
+
+    Returns (int8 [batch, kv_heads, seq, head_dim], scale [batch, kv_heads, seq] float32) with
+    scale = max |x| / 127 over head_dim (0 for an all-zero row, whose values are 0), so that
+    x ~= int8 * scale with an error of at most scale / 2 per element.
+    """
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1) / INT8_MAX  # [batch, kv_heads, seq]
+    safe = jnp.where(scale > 0, scale, 1.0)[..., None]
+    q = jnp.clip(jnp.round(x / safe), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return q, scale
+
+
+def dequantize_kv(x: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    """int8 x [batch, kv_heads, slots, head_dim] times scale [batch, kv_heads, slots], in dtype."""
+    return (x.astype(jnp.float32) * scale[..., None]).astype(dtype)
 
 
 def attention_mask(query_slots: jax.Array, num_slots: int, start: jax.Array) -> jax.Array:
@@ -51,19 +77,32 @@ def attention_mask(query_slots: jax.Array, num_slots: int, start: jax.Array) -> 
     return causal[None, :, :] & after_padding[:, None, :]
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def _per_slot(scale: Optional[jax.Array]) -> Optional[jax.Array]:
+    """A [batch, kv_heads, slots] scale as [batch, kv_heads, 1, 1, slots], to multiply scores or
+    probabilities [batch, kv_heads, group, seq, slots]; None stays None."""
+    return None if scale is None else scale[:, :, None, None, :]
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                          k_scale: Optional[jax.Array] = None, v_scale: Optional[jax.Array] = None) -> jax.Array:
     """Softmax attention with grouped KV heads; scores and softmax in float32.
 
-    q: [batch, seq, heads, head_dim]; k, v: [batch, kv_heads, slots, head_dim];
-    mask: [batch, seq, slots] bool. Returns [batch, seq, heads, head_dim].
+    q: [batch, seq, heads, head_dim]; k, v: [batch, kv_heads, slots, head_dim] in q's dtype, or
+    int8 with k_scale, v_scale [batch, kv_heads, slots] float32 (an int8 cache);
+    mask: [batch, seq, slots] bool. Returns [batch, seq, heads, head_dim] in q's dtype.
     """
     b, t, h, d = q.shape
     kv_heads = k.shape[1]
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)  # [batch, seq, kv_heads, group, head_dim]
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+    if k_scale is not None:
+        scores = scores * _per_slot(k_scale)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [batch, kv_heads, group, seq, slots]
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+    probs = jax.nn.softmax(scores, axis=-1)  # [batch, kv_heads, group, seq, slots] float32
+    if v_scale is not None:
+        probs = probs * _per_slot(v_scale)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(q.dtype), v.astype(q.dtype))
     return out.reshape(b, t, h, d)
 
 
@@ -75,10 +114,13 @@ def _cdiv(a, b):
 
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset, start: jax.Array,
-                      block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> jax.Array:
+                      block_q: int = BLOCK_Q, block_k: int = BLOCK_K, k_scale: Optional[jax.Array] = None,
+                      v_scale: Optional[jax.Array] = None) -> jax.Array:
     """Causal attention by online softmax over key blocks; the same result as the dense one.
 
-    q: [batch, seq, heads, head_dim]; k, v: [batch, kv_heads, slots, head_dim];
+    q: [batch, seq, heads, head_dim]; k, v: [batch, kv_heads, slots, head_dim], or int8 with
+    k_scale, v_scale [batch, kv_heads, slots] float32 (an int8 cache: each key block is
+    converted to q's dtype unscaled, its scales applied to the block's scores and probabilities);
     q_offset: slot of the first query (a Python int, or a traced int32 scalar such as a
     cache index); start: [batch] int32 first visible slot of each row.
     Returns [batch, seq, heads, head_dim] in q's dtype. Rows whose queries see no key at
@@ -113,18 +155,22 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset
             lo = kb * bk
             at = jnp.minimum(lo, slots - bk)  # the last block is shifted back to stay in bounds ...
             kblk, vblk = _key_block(k, at, bk, qb.dtype), _key_block(v, at, bk, qb.dtype)
+            k_sblk, v_sblk = (None if x is None else _key_block(x, at, bk, jnp.float32) for x in (k_scale, v_scale))
             k_slots = at + jnp.arange(bk, dtype=jnp.int32)  # [bk]
             visible = ((k_slots[None, None, :] <= q_slots[None, :, None])
                        & (k_slots[None, None, :] >= start[:, None, None])
                        & (k_slots >= lo)[None, None, :])  # ... and slots before `lo` masked: [batch, bq, bk]
             visible = visible[:, None, None]  # [batch, 1, 1, bq, bk]
             s = jnp.einsum("bqkgd,bksd->bkgqs", qb, kblk, preferred_element_type=jnp.float32) * scale
+            if k_sblk is not None:
+                s = s * _per_slot(k_sblk)
             s = jnp.where(visible, s, _NEG)  # [batch, kv_heads, group, bq, bk]
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
             correction = jnp.exp(m - m_new)
             l = l * correction + jnp.sum(p, axis=-1)
-            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), vblk, preferred_element_type=jnp.float32)
+            weights = p.astype(v.dtype) if v_sblk is None else (p * _per_slot(v_sblk)).astype(qb.dtype)
+            pv = jnp.einsum("bkgqs,bksd->bkgqd", weights, vblk, preferred_element_type=jnp.float32)
             return m_new, l, acc * correction[..., None] + pv
 
         m = jnp.full((b, kv_heads, g, bq), _NEG, jnp.float32)
@@ -148,7 +194,7 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset
 
 
 def _key_block(x: jax.Array, at: jax.Array, size: int, dtype) -> jax.Array:
-    """Slots [at, at + size) of x [batch, kv_heads, slots, head_dim], in dtype."""
+    """Slots [at, at + size) of x [batch, kv_heads, slots, ...] (keys, values or their scales), in dtype."""
     return jax.lax.dynamic_slice_in_dim(x, at, size, axis=2).astype(dtype)
 
 
@@ -218,11 +264,13 @@ def platform_kernel(backend: str, dtype, seq: int, head_dim: int):
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset, start: jax.Array,
-              implementation: str = "auto") -> jax.Array:
+              implementation: str = "auto", k_scale: Optional[jax.Array] = None,
+              v_scale: Optional[jax.Array] = None) -> jax.Array:
     """Causal attention of queries at slots q_offset + t over keys at slots start[b] .. q_offset + t.
 
     q: [batch, seq, heads, head_dim]; k, v: [batch, kv_heads, slots, head_dim] (slots = seq
-    without a cache, the cache length with one); q_offset: 0 (Python int) without a cache,
+    without a cache, the cache length with one), or an int8 cache's int8 k, v with their
+    k_scale, v_scale [batch, kv_heads, slots]; q_offset: 0 (Python int) without a cache,
     the traced cache index with one; start: [batch] int32.
     implementation "auto": dense scores when seq * slots <= CHUNKED_THRESHOLD (and, with a
     cache, slots <= DENSE_MAX_CACHE_SLOTS: a long cache is read only up to its filled part); otherwise,
@@ -243,16 +291,25 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset, start:
             implementation = "cudnn" if kernel is cudnn_attention else "pallas"
         else:
             implementation = "chunked"
-    chunked = functools.partial(chunked_attention, q, k, v, q_offset, start)
+    chunked = functools.partial(chunked_attention, q, k, v, q_offset, start, k_scale=k_scale, v_scale=v_scale)
     if implementation == "chunked":
         return chunked()
     if implementation == "dense":
         mask = attention_mask(q_offset + jnp.arange(seq, dtype=jnp.int32), slots, start)  # [batch, seq, slots]
-        return dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        return dot_product_attention(q, k, v, mask, k_scale, v_scale)
 
     # a platform kernel: it runs a fresh causal prefill (q_offset == 0) over the new tokens' keys
     kernel = cudnn_attention if implementation == "cudnn" else pallas_tpu_attention
-    k_new, v_new = k[:, :, :seq].astype(q.dtype), v[:, :, :seq].astype(q.dtype)  # [batch, kv_heads, seq, head_dim]
+    k_new, v_new = (_first_slots(x, scale, seq, q.dtype)
+                    for x, scale in ((k, k_scale), (v, v_scale)))  # [batch, kv_heads, seq, head_dim]
     if not with_cache:
         return kernel(q, k_new, v_new, start) if q_offset == 0 else chunked()
     return jax.lax.cond(q_offset == 0, lambda: kernel(q, k_new, v_new, start), chunked)
+
+
+def _first_slots(x: jax.Array, scale: Optional[jax.Array], seq: int, dtype) -> jax.Array:
+    """Slots [0, seq) of keys or values x [batch, kv_heads, slots, head_dim] in dtype (an int8
+    cache's dequantized with its scale [batch, kv_heads, slots]): what a platform kernel reads."""
+    if scale is None:
+        return x[:, :, :seq].astype(dtype)
+    return dequantize_kv(x[:, :, :seq], scale[:, :, :seq], dtype)

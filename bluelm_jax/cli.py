@@ -102,7 +102,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="shard the model over a device mesh, e.g. 'data=1,tensor=8' (default: one device)")
     p.add_argument("--quantize", default=None, choices=("int8", "int4"),
                    help="quantize the projections as they load (weight-only: int8 per output channel, int4 in "
-                        "groups of 128, fewer where 128 does not divide the model's sizes); a checkpoint converted with --quantize loads quantized without it")
+                        "groups of 128, fewer where 128 does not divide the model's sizes); a checkpoint "
+                        "converted with --quantize loads quantized without it")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
+                   help="the KV cache's storage: auto = the compute dtype; int8 = int8 with a scale per token "
+                        "and head, half the memory of bfloat16 (default auto)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, *, max_new: int, temperature: float, top_p: float,
@@ -186,7 +190,8 @@ def _load(args):
 
 def _sampling_kwargs(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+                top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                kv_cache_dtype=args.kv_cache_dtype)
 
 
 def run_generate(args) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +59,19 @@ class DecodeState(NamedTuple):
     keys: jax.Array  # [batch, 2] uint32: each row's PRNG key
 
 
+KV_CACHE_DTYPES = ("auto", "int8")  # "auto" (or None): the compute dtype
+
+
+def kv_cache_dtype_name(value) -> Optional[str]:
+    """The KV cache setting `value` as stored: None for the compute dtype (None or "auto"), or "int8".
+    ValueError for anything else."""
+    if value is None or value == "auto":
+        return None
+    if value == "int8":
+        return value
+    raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)} (or None), got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Static:
     """The hashable, static part of a compiled call."""
@@ -67,20 +80,28 @@ class Static:
     sampler: sampling.SamplerSettings
     compute_dtype: Any
     pad_id: int
+    kv_cache_dtype: Optional[str] = None  # None: the cache in the compute dtype; "int8": int8 with scales
+
+    @property
+    def cache_dtype(self):
+        """The dtype `init_cache` makes the KV cache in."""
+        return jnp.int8 if self.kv_cache_dtype == "int8" else self.compute_dtype
 
 
 # --------------------------------------------------------------------------- pure steps
 
 
 def prefill_logits(params: dict, tokens: jax.Array, start: jax.Array, cache_len: int, config: BlueLMConfig,
-                   compute_dtype=jnp.float32) -> tuple[jax.Array, KVCache]:
+                   compute_dtype=jnp.float32, cache_dtype=None) -> tuple[jax.Array, KVCache]:
     """Fills a new cache of `cache_len` slots with a left-padded prompt.
 
-    tokens: [batch, bucket]; start: [batch] first real slot of each row.
+    tokens: [batch, bucket]; start: [batch] first real slot of each row; cache_dtype: the
+    cache's (None: compute_dtype; jnp.int8: an int8 cache).
     Returns the next-token logits [batch, vocab] (float32) and the cache (index = bucket).
     """
     batch, bucket = tokens.shape
-    cache = init_cache(config, batch, cache_len, dtype=compute_dtype, start=start)
+    cache_dtype = compute_dtype if cache_dtype is None else cache_dtype
+    cache = init_cache(config, batch, cache_len, dtype=cache_dtype, start=start)
     positions = jnp.maximum(jnp.arange(bucket, dtype=jnp.int32)[None, :] - start[:, None], 0)  # [batch, bucket]
     logits, cache = forward(params, tokens, positions, config, cache=cache, compute_dtype=compute_dtype,
                             last_only=True)
@@ -127,7 +148,7 @@ def _prefill(params, tokens, start, request: Request, keys, static: Static, cach
     """Prompt -> cache, and the first generated token. tokens: [batch, bucket]."""
     TRACE_COUNTS["prefill"] += 1
     c = static.config
-    logits, cache = prefill_logits(params, tokens, start, cache_len, c, static.compute_dtype)
+    logits, cache = prefill_logits(params, tokens, start, cache_len, c, static.compute_dtype, static.cache_dtype)
     batch, bucket = tokens.shape
     valid = jnp.arange(bucket)[None, :] >= start[:, None]  # [batch, bucket]
     state = DecodeState(

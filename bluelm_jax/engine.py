@@ -1,7 +1,8 @@
 """A continuous-batching decode engine: many requests share one compiled decode step.
 
 The engine owns `max_batch` rows (slots) over one preallocated KV cache (per layer
-[max_batch, kv_heads, slots, head_dim]) and a background thread that runs the
+[max_batch, kv_heads, slots, head_dim], in the compute dtype or, with `kv_cache_dtype="int8"`,
+int8 plus float32 scales [max_batch, kv_heads, slots]) and a background thread that runs the
 device loop. Callers `submit` an `EngineRequest` (token ids and sampling settings) and get
 a `Handle` that streams the generated ids (sync or async) and can be cancelled.
 
@@ -52,7 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bluelm_jax import sampling, sharding
-from bluelm_jax.decode import FINISH_REASONS, RUNNING, TRACE_COUNTS, Static, count_token, decode_logits
+from bluelm_jax.decode import (FINISH_REASONS, RUNNING, TRACE_COUNTS, Static, count_token, decode_logits,
+                               kv_cache_dtype_name)
 from bluelm_jax.model import KVCache, forward, init_cache
 from bluelm_jax.planning import PROMPT_BUCKETS, ContextOverflowError, GenerationSettings, bucket_length, tokenizer_of
 
@@ -272,7 +274,7 @@ def _init_state(static: Static, batch: int, slots: int, max_stop_ids: int) -> En
     c = static.config
     ones = jnp.ones((batch,), jnp.float32)
     return EngineState(
-        cache=init_cache(c, batch, slots, dtype=static.compute_dtype),
+        cache=init_cache(c, batch, slots, dtype=static.cache_dtype),
         token=jnp.zeros((batch,), jnp.int32), count=jnp.zeros((batch,), jnp.int32),
         done=jnp.ones((batch,), bool), reason=jnp.zeros((batch,), jnp.int32),
         seen=jnp.zeros((batch, c.vocab_size), bool), keys=jnp.zeros((batch, 2), jnp.uint32),
@@ -284,7 +286,7 @@ def _init_state(static: Static, batch: int, slots: int, max_stop_ids: int) -> En
 def _fresh_cache(start: jax.Array, index: jax.Array, static: Static, bucket: int) -> KVCache:
     """A one-row cache of `bucket` slots for a prompt starting at slot `start` [1]; filled up to `index`."""
     TRACE_COUNTS["engine.fresh_cache"] += 1
-    cache = init_cache(static.config, 1, bucket, dtype=static.compute_dtype, start=start)
+    cache = init_cache(static.config, 1, bucket, dtype=static.cache_dtype, start=start)
     return cache._replace(index=jnp.asarray(index, jnp.int32))
 
 
@@ -320,13 +322,14 @@ def _admit(state: EngineState, row: jax.Array, part: KVCache, logits: jax.Array,
     bucket, slots = part.max_len, state.cache.max_len
     width = min(bucket, slots)  # the block's tail that holds the prompt (bucket may exceed the cache)
     index = state.cache.index
-    at = (row, 0, index - width, 0)
 
-    def put_block(layers, parts):  # per layer [batch, kv_heads, slots, head_dim] <- [1, kv_heads, bucket, head_dim]
-        return tuple(jax.lax.dynamic_update_slice(x, p[:, :, bucket - width:].astype(x.dtype), at)
+    def put_block(layers, parts):  # per layer [batch, kv_heads, slots(, head_dim)] <- [1, kv_heads, bucket(, head_dim)]
+        return tuple(jax.lax.dynamic_update_slice(x, p[:, :, bucket - width:].astype(x.dtype),
+                                                  (row, 0, index - width) + (0,) * (x.ndim - 3))
                      for x, p in zip(layers, parts))
 
-    k, v = put_block(state.cache.k, part.k), put_block(state.cache.v, part.v)
+    # keys, values and (an int8 cache) their scales
+    buffers = [put_block(layers, parts) for layers, parts in zip(_buffers(state.cache), _buffers(part))]
     start = state.cache.start.at[row].set(index - length)
     valid = jnp.arange(bucket)[None, :] >= bucket - length  # [1, bucket]
     seen = sampling.seen_mask(tokens, valid, c.vocab_size)  # [1, vocab]
@@ -344,17 +347,29 @@ def _admit(state: EngineState, row: jax.Array, part: KVCache, logits: jax.Array,
             new.temperature, new.top_p, new.repetition_penalty)))),
         put(state.rows.do_sample, new.do_sample), put(state.rows.top_k, new.top_k))
     state = state._replace(
-        cache=KVCache(k, v, index, start), token=put(state.token, first), count=put(state.count, 1),
+        cache=_with_buffers(state.cache, buffers)._replace(start=start), token=put(state.token, first),
+        count=put(state.count, 1),
         done=put(state.done, first_done), reason=put(state.reason, reason),
         seen=put(state.seen, sampling.mark_seen(seen, first[None])[0]), keys=put(state.keys, new.key),
         rows=rows, limit=put(state.limit, new.limit), stop_ids=put(state.stop_ids, new.stop_ids))
     return state, jnp.stack([first, first_done.astype(jnp.int32), reason])
 
 
+def _buffers(cache: KVCache) -> tuple[tuple, ...]:
+    """The cache's per-layer buffer tuples: (k, v), and an int8 cache's (k_scale, v_scale) after them."""
+    return (cache.k, cache.v) + ((cache.k_scale, cache.v_scale) if cache.quantized else ())
+
+
+def _with_buffers(cache: KVCache, buffers) -> KVCache:
+    """`cache` with its buffer tuples replaced by `buffers` (in `_buffers`' order)."""
+    return cache._replace(**dict(zip(("k", "v", "k_scale", "v_scale"), buffers)))
+
+
 def _roll_slots(x: jax.Array, delta: jax.Array) -> jax.Array:
-    """One layer's keys or values [batch, kv_heads, slots, head_dim] rolled `delta` slots (right when
-    positive). Called once per buffer, donated: the extra memory of a shift is one layer (one call
-    over the whole cache allocated a second cache)."""
+    """One layer's keys or values [batch, kv_heads, slots, head_dim] (or an int8 cache's scales
+    [batch, kv_heads, slots]) rolled `delta` slots (right when positive). Called once per buffer,
+    donated: the extra memory of a shift is one layer (one call over the whole cache allocated a
+    second cache)."""
     TRACE_COUNTS["engine.roll_slots"] += 1
     return jnp.roll(x, delta, axis=2)
 
@@ -456,10 +471,13 @@ class Engine:
     max_len: KV cache slots per row (default: the model's context). prefill_chunk: prompt
     tokens fed per call for long prompts (a power of two >= 32). steps_per_sync: decode steps
     per host round trip. max_stop_ids: the most stop ids one request may have.
+    kv_cache_dtype: None (or "auto") for a cache in the compute dtype, "int8" for an int8 cache
+    with a scale per slot and head (decode.kv_cache_dtype_name).
     """
 
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, max_len: Optional[int] = None,
-                 prefill_chunk: int = 512, steps_per_sync: int = 4, max_stop_ids: int = 16):
+                 prefill_chunk: int = 512, steps_per_sync: int = 4, max_stop_ids: int = 16,
+                 kv_cache_dtype: Optional[str] = None):
         config = model.config
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
                                  ("steps_per_sync", steps_per_sync, 1), ("max_stop_ids", max_stop_ids, 1)):
@@ -467,6 +485,7 @@ class Engine:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if prefill_chunk not in PROMPT_BUCKETS:
             raise ValueError(f"prefill_chunk must be one of {PROMPT_BUCKETS}, got {prefill_chunk!r}")
+        kv_cache_dtype = kv_cache_dtype_name(kv_cache_dtype)
         max_len = config.context_length if max_len is None else max_len
         if not _is_int(max_len) or max_len < 2:
             raise ValueError(f"max_len must be an integer >= 2, got {max_len!r}")
@@ -479,7 +498,7 @@ class Engine:
         vocab_limit = min(config.vocab_size, tok.vocab_size) if tok is not None else config.vocab_size
         self._static = Static(config=config, sampler=sampling.SamplerSettings(vocab_limit=vocab_limit),
                               compute_dtype=getattr(model, "compute_dtype", jnp.float32),
-                              pad_id=int(config.pad_token_id))
+                              pad_id=int(config.pad_token_id), kv_cache_dtype=kv_cache_dtype)
         self._mesh = getattr(model, "mesh", None)
 
         self._lock = threading.Condition()
@@ -732,8 +751,9 @@ class Engine:
     def _shift(self, delta: int) -> None:
         free = np.asarray([h is None for h in self._rows])
         cache, by = self._state.cache, np.int32(delta)
-        k, v = (tuple(roll_slots(x, by) for x in layers) for layers in (cache.k, cache.v))
-        self._state = self._state._replace(cache=KVCache(k, v, *shifted_starts(cache.index, cache.start, by, free)))
+        buffers = [tuple(roll_slots(x, by) for x in layers) for layers in _buffers(cache)]
+        index, start = shifted_starts(cache.index, cache.start, by, free)
+        self._state = self._state._replace(cache=_with_buffers(cache, buffers)._replace(index=index, start=start))
         self._index += delta
         self._start += delta
         self.shifts += 1

@@ -34,7 +34,8 @@ the layout read from the names in `params`).
 
 The KV cache stays outside the modules: a pytree passed in and returned, one preallocated
 buffer per layer for keys and one for values, `[batch, kv_heads, max_len, head_dim]`, written
-in place with `dynamic_update_slice`. One buffer per layer, not one stacked array: a layer of
+in place with `dynamic_update_slice` (an int8 cache also holds a float32 scale per slot and
+head, `[batch, kv_heads, max_len]`, and quantizes the rows it writes). One buffer per layer, not one stacked array: a layer of
 a stacked cache is a slice that XLA's CPU backend copies before every product (a decode step
 then copied the whole cache); heads before slots, so that a decode step's products read
 each head's keys as one block with no transpose (`python -m bench.cache_layout`). Rows of a
@@ -55,7 +56,7 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 
 from bluelm_jax import params as P
 from bluelm_jax import quantize as Q
-from bluelm_jax.attention import attention
+from bluelm_jax.attention import attention, quantize_kv
 from bluelm_jax.config import BlueLMConfig
 from bluelm_jax.rope import apply_rope, sin_cos
 from bluelm_jax.sharding import constrain
@@ -63,25 +64,57 @@ from bluelm_jax.sharding import constrain
 INIT_STD = 0.02  # normal init of fresh weights (norms start at one, biases at zero)
 
 
+class LayerCache(NamedTuple):
+    """One layer's part of a KVCache, as Attention reads and writes it."""
+
+    k: jax.Array  # [batch, kv_heads, max_len, head_dim]: compute dtype, or int8
+    v: jax.Array
+    k_scale: Optional[jax.Array] = None  # [batch, kv_heads, max_len] float32 (an int8 cache only)
+    v_scale: Optional[jax.Array] = None
+
+
 class KVCache(NamedTuple):
-    k: tuple  # one [batch, kv_heads, max_len, head_dim] array per layer
+    k: tuple  # one [batch, kv_heads, max_len, head_dim] array per layer (compute dtype, or int8)
     v: tuple  # one [batch, kv_heads, max_len, head_dim] array per layer
     index: jax.Array  # [] int32: slots filled so far (the same for every row)
     start: jax.Array  # [batch] int32: first valid slot of each row
+    k_scale: tuple = ()  # an int8 cache: one [batch, kv_heads, max_len] float32 per layer; else empty
+    v_scale: tuple = ()  # (slot s of k holds k_int8[s] * k_scale[s]; attention.quantize_kv)
 
     @property
     def max_len(self) -> int:
         return self.k[0].shape[2]
 
+    @property
+    def quantized(self) -> bool:
+        """Whether keys and values are int8 with a scale per slot and head."""
+        return bool(self.k_scale)
+
+    def layer(self, i: int) -> LayerCache:
+        """Layer i's buffers, constrained to the cache's sharding (sharding.py)."""
+        scales = ((constrain(self.k_scale[i], "kv_scale"), constrain(self.v_scale[i], "kv_scale"))
+                  if self.quantized else ())
+        return LayerCache(constrain(self.k[i], "kv_cache"), constrain(self.v[i], "kv_cache"), *scales)
+
+    def with_layers(self, layers: list, index: jax.Array) -> "KVCache":
+        """This cache with every layer's buffers replaced by `layers` (LayerCaches) and the write index."""
+        scales = (tuple(x.k_scale for x in layers), tuple(x.v_scale for x in layers)) if self.quantized else ((), ())
+        return KVCache(tuple(x.k for x in layers), tuple(x.v for x in layers), index, self.start, *scales)
+
 
 def init_cache(config: BlueLMConfig, batch: int, max_len: int, dtype=jnp.float32,
                start: Optional[jax.Array] = None) -> KVCache:
-    """An empty cache of `max_len` slots; `start` [batch] marks each row's left padding."""
+    """An empty cache of `max_len` slots; `start` [batch] marks each row's left padding.
+
+    dtype: of keys and values (the compute dtype), or jnp.int8 for an int8 cache with a float32
+    scale per slot and head (attention.quantize_kv): half the bytes of a bfloat16 cache plus
+    4 / head_dim of them for the scales."""
     shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
     start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
     layers = range(config.num_hidden_layers)
-    return KVCache(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers),
-                   jnp.zeros((), jnp.int32), start)
+    buffers = lambda shape, dtype: tuple(jnp.zeros(shape, dtype) for _ in layers)  # noqa: E731
+    scales = (buffers(shape[:3], jnp.float32), buffers(shape[:3], jnp.float32)) if jnp.dtype(dtype) == jnp.int8 else ()
+    return KVCache(buffers(shape, dtype), buffers(shape, dtype), jnp.zeros((), jnp.int32), start, *scales)
 
 
 # --------------------------------------------------------------------------- numerics
@@ -326,8 +359,9 @@ class Attention(nnx.Module):
                                         rngs, layout, quantization))
         self.config = config
 
-    def __call__(self, h: jax.Array, ctx: Context, kv: Optional[tuple], layer: int) -> tuple[jax.Array, Optional[tuple]]:
-        """h: [batch, seq, hidden] -> ([batch, seq, hidden], kv). kv: this layer's (k, v) cache, or None."""
+    def __call__(self, h: jax.Array, ctx: Context, kv: Optional[LayerCache],
+                 layer: int) -> tuple[jax.Array, Optional[LayerCache]]:
+        """h: [batch, seq, hidden] -> ([batch, seq, hidden], kv). kv: this layer's cache, or None."""
         c = self.config
         batch, seq, _ = h.shape
         project = functools.partial(_project, h=h, layer=layer, adapters=ctx.adapters)
@@ -336,15 +370,25 @@ class Attention(nnx.Module):
         v = project(self.v_proj, "v_proj").reshape(batch, seq, c.num_key_value_heads, c.head_dim)
         q, k = apply_rope(q, ctx.sin, ctx.cos), apply_rope(k, ctx.sin, ctx.cos)
         k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [batch, kv_heads, seq, head_dim]
+        scales = (None, None)
         if kv is not None:
-            k_cache, v_cache = kv  # [batch, kv_heads, max_len, head_dim]
-            at = (0, 0, ctx.index, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
-            kv = k, v = k_cache, v_cache
-        a = attention(q, k, v, ctx.q_offset, ctx.start, ctx.attention_impl)
+            kv = _write_cache(kv, k, v, ctx.index)
+            k, v, scales = kv.k, kv.v, (kv.k_scale, kv.v_scale)
+        a = attention(q, k, v, ctx.q_offset, ctx.start, ctx.attention_impl, *scales)
         a = a.reshape(batch, seq, c.num_attention_heads * c.head_dim)
         return _project(self.o_proj, "o_proj", a, layer, ctx.adapters), kv
+
+
+def _write_cache(kv: LayerCache, k: jax.Array, v: jax.Array, index: jax.Array) -> LayerCache:
+    """kv with the new keys and values k, v [batch, kv_heads, seq, head_dim] at slots [index, index + seq)
+    (quantized, with their scales, into an int8 cache)."""
+    def put(buffer, x):  # buffer [batch, kv_heads, max_len(, head_dim)] <- x [batch, kv_heads, seq(, head_dim)]
+        return jax.lax.dynamic_update_slice(buffer, x.astype(buffer.dtype), (0, 0, index) + (0,) * (x.ndim - 3))
+
+    if kv.k_scale is None:
+        return LayerCache(put(kv.k, k), put(kv.v, v))
+    (k, k_scale), (v, v_scale) = quantize_kv(k), quantize_kv(v)
+    return LayerCache(put(kv.k, k), put(kv.v, v), put(kv.k_scale, k_scale), put(kv.v_scale, v_scale))
 
 
 class MLP(nnx.Module):
@@ -430,15 +474,13 @@ class BlueLMModel(nnx.Module):
         else:
             index, start, q_offset = cache.index, cache.start, cache.index
         ctx = Context(sin, cos, index, start, q_offset, attention_impl, adapters)
-        new_k, new_v = [], []
+        written = []
         for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (constrain(cache.k[i], "kv_cache"), constrain(cache.v[i], "kv_cache"))
+            kv = None if cache is None else cache.layer(i)
             with jax.named_scope(f"layer_{i}"):
                 x, kv = _run_layer(layer, x, ctx, kv, i, remat)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
-        new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), index + seq, start)
+            written.append(kv)
+        new_cache = None if cache is None else cache.with_layers(written, index + seq)
         return self.norm(x), new_cache
 
 

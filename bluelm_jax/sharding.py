@@ -286,6 +286,7 @@ ACTIVATIONS: dict[str, tuple[Optional[str], ...]] = {
     "hidden": ("batch", None, None),  # [batch, seq, hidden]
     "logits": ("batch", None, "vocab"),  # [batch, seq, vocab]
     "kv_cache": ("batch", "kv_heads", None, None),  # one layer's [batch, kv_heads, max_len, head_dim]
+    "kv_scale": ("batch", "kv_heads", None),  # an int8 cache's scales of one layer: [batch, kv_heads, max_len]
 }
 _ACTIVATION_RULES = {"batch": BATCH, "vocab": TENSOR, "kv_heads": TENSOR, "heads": TENSOR}
 

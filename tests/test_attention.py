@@ -181,3 +181,57 @@ def test_ntkmixed_prefills_8192_tokens_without_a_quadratic_array():
     # the same last position from one prefill of n + 1 tokens
     full, _ = prefill(tokens, positions)
     np.testing.assert_allclose(np.asarray(step[:, -1]), np.asarray(full[:, -1]), atol=1e-4)
+
+
+# ------------------------------------------------------------------ int8 cache
+
+
+def test_quantize_kv_round_trip_and_zero_rows():
+    x = jnp.asarray(RNG.standard_normal((2, 3, 7, 64)).astype(np.float32) * RNG.uniform(0.01, 10, (2, 3, 7, 1)))
+    x = x.at[1, 2, 4].set(0.0)  # an all-zero row (e.g. a slot never written)
+    q, scale = A.quantize_kv(x)
+    assert q.dtype == jnp.int8 and q.shape == x.shape and scale.dtype == jnp.float32 and scale.shape == (2, 3, 7)
+    np.testing.assert_allclose(np.asarray(scale), np.abs(np.asarray(x)).max(-1) / 127, rtol=1e-6)
+    assert np.abs(np.asarray(q)).max() == 127  # the largest element of each row maps to +-127
+    err = np.abs(np.asarray(A.dequantize_kv(q, scale, jnp.float32)) - np.asarray(x))
+    assert np.all(err <= np.asarray(scale)[..., None] / 2 * (1 + 1e-5))  # rounding: half a step at most
+    assert float(scale[1, 2, 4]) == 0 and np.all(np.asarray(q[1, 2, 4]) == 0)
+
+
+@pytest.mark.parametrize("q_offset,seq,slots,block", [(0, 200, 256, 64), (130, 6, 200, 64), (700, 1, 1024, 128)])
+def test_int8_cache_kernels_agree(q_offset, seq, slots, block):
+    """Dense and chunked attention over int8 keys/values with their scales give the same result, and it
+    is attention over the dequantized keys/values (the scales folded into scores and probabilities
+    are exact algebra, not an approximation)."""
+    config = preset("tiny-gqa")
+    q, k, v = rotated_qkv(config, 2, seq, slots, first_position=0)
+    (k8, k_scale), (v8, v_scale) = A.quantize_kv(k), A.quantize_kv(v)
+    start = jnp.asarray([5, 0], jnp.int32)
+    offset = jnp.int32(q_offset)
+    dense = jax.jit(lambda *a: A.attention(*a, "dense", k_scale, v_scale))(q, k8, v8, offset, start)
+    chunked = jax.jit(lambda *a: A.chunked_attention(*a, block, block, k_scale=k_scale, v_scale=v_scale))(
+        q, k8, v8, offset, start)
+    dequantized = dense_attention(q, A.dequantize_kv(k8, k_scale, jnp.float32),
+                                  A.dequantize_kv(v8, v_scale, jnp.float32), q_offset, start)
+    valid = valid_rows(q_offset, seq, start)
+    assert np.abs(np.asarray(chunked - dense))[valid].max() <= 1e-5
+    assert np.abs(np.asarray(dense - dequantized))[valid].max() <= 1e-5
+    float_cache = dense_attention(q, k, v, q_offset, start)
+    assert 0 < np.abs(np.asarray(dense - float_cache))[valid].max() <= 0.05  # int8 is close, not equal
+
+
+def test_int8_cache_platform_kernel_reads_the_dequantized_prompt(monkeypatch):
+    """A fresh prefill through the cuDNN wrapper (XLA's implementation here) over an int8 cache: the
+    same values as the dense kernel reading the int8 cache."""
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        lambda *a, implementation=None, **kw: real(*a, implementation="xla", **kw))
+    config = preset("tiny-gqa")
+    q, k, v = rotated_qkv(config, 2, 40, 64, first_position=0)
+    (k8, k_scale), (v8, v_scale) = A.quantize_kv(k), A.quantize_kv(v)
+    start = jnp.asarray([0, 7], jnp.int32)
+    run = jax.jit(lambda impl, *a: A.attention(*a, impl, k_scale, v_scale), static_argnums=0)
+    cudnn = run("cudnn", q, k8, v8, jnp.int32(0), start)
+    dense = run("dense", q, k8, v8, jnp.int32(0), start)
+    valid = valid_rows(0, 40, start)
+    np.testing.assert_allclose(np.asarray(cudnn)[valid], np.asarray(dense)[valid], atol=1e-5)

@@ -85,6 +85,9 @@ def test_bad_input_gives_one_line_and_nonzero_exit(checkpoint, tmp_path):
         ("generate", "--model", checkpoint),  # no prompt
         ("generate", "--model", checkpoint, "--prompt", "hi", "--system", "be brief"),
         ("generate", "--model", checkpoint, "--prompt", "hi", "--mesh", "data=16"),  # 8 devices
+        ("generate", "--model", checkpoint, "--prompt", "hi", "--kv-cache-dtype", "fp8"),
+        ("chat", "--model", checkpoint, "--kv-cache-dtype", "int4"),
+        ("serve", "--kv-cache-dtype", "bf16"),
         ("chat", "--model", str(tmp_path)),
         ("frobnicate",),
         (),
@@ -95,6 +98,38 @@ def test_bad_input_gives_one_line_and_nonzero_exit(checkpoint, tmp_path):
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and "error" in lines[0], (args, p.stderr)
         assert p.stdout == ""
+
+
+def test_generate_with_an_int8_kv_cache(checkpoint, model):
+    p = run("generate", "--model", checkpoint, "--prompt", "Hello, how are you", "--max-new-tokens", "12", "--json",
+            "--kv-cache-dtype", "int8")
+    assert p.returncode == 0, p.stderr
+    r = G.generate(model, "Hello, how are you", max_new_tokens=12, kv_cache_dtype="int8")
+    assert json.loads(p.stdout)["ids"] == r.ids[0]
+
+
+def test_the_kv_cache_dtype_reaches_generate_chat_and_the_engine(monkeypatch):
+    parser = cli.build_parser()
+    for command in (["generate", "--prompt", "hi"], ["chat"]):
+        assert cli._sampling_kwargs(parser.parse_args(command))["kv_cache_dtype"] == "auto"
+        args = parser.parse_args(command + ["--kv-cache-dtype", "int8"])
+        assert cli._sampling_kwargs(args)["kv_cache_dtype"] == "int8"  # the GenerationSettings of both
+    assert parser.parse_args(["serve"]).kv_cache_dtype == "auto"
+    args = parser.parse_args(["serve", "--kv-cache-dtype", "int8"])
+
+    from bluelm_jax import engine
+    from bluelm_jax.server import serve
+
+    class Started(Exception):
+        pass
+
+    def engine_of(model, **kwargs):
+        raise Started(kwargs)
+
+    monkeypatch.setattr(engine, "Engine", engine_of)
+    with pytest.raises(Started) as started:
+        serve._serve(args, lambda args: (object(), None), "name", sock=None)
+    assert started.value.args[0]["kv_cache_dtype"] == "int8"
 
 
 def test_help():

@@ -5,6 +5,7 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -27,11 +28,12 @@ def prompt(n, seed):
     return tuple(int(i) for i in np.random.default_rng(seed).integers(4, 600, n))
 
 
-def solo(model, req: E.EngineRequest) -> list[int]:
+def solo(model, req: E.EngineRequest, kv_cache_dtype=None) -> list[int]:
     """What `generate` gives for this request alone (it adds </s> to the stop ids itself)."""
     result = G.generate(model, [list(req.prompt_ids)], max_new_tokens=req.max_new_tokens,
                         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                        repetition_penalty=req.repetition_penalty, seed=req.seed, stop=list(req.stop_ids))
+                        repetition_penalty=req.repetition_penalty, seed=req.seed, stop=list(req.stop_ids),
+                        kv_cache_dtype=kv_cache_dtype)
     return result.ids[0]
 
 
@@ -255,3 +257,74 @@ def test_32k_model_long_prompt_with_a_long_cache():
         long = engine.submit(reqs[0])
         assert long.result(timeout=300) == solo(model, reqs[0])
         assert short.result(timeout=300) == solo(model, reqs[1])
+
+
+# ------------------------------------------------------------------ int8 KV cache
+
+
+def test_generate_with_an_int8_cache_gives_the_float_cache_greedy_tokens(model):
+    prompts = [list(prompt(n, 40 + n)) for n in (5, 23, 47)]
+    float_cache = G.generate(model, prompts, max_new_tokens=24)
+    int8_cache = G.generate(model, prompts, max_new_tokens=24, kv_cache_dtype="int8")
+    assert int8_cache.ids == float_cache.ids
+
+
+def test_engine_with_an_int8_cache_equals_solo_generate_with_one():
+    """Rows admitted (one while another runs), moved into a free row before them, and shifted right
+    and left along the cache: the int8 buffers and their scales travel together."""
+    model = make_model(CONFIG, seed=3)
+    short = E.EngineRequest(prompt_ids=prompt(20, 61), max_new_tokens=12, stop_ids=(EOS,))  # row 0, ends first
+    long = E.EngineRequest(prompt_ids=prompt(9, 62), max_new_tokens=40, stop_ids=(EOS,), temperature=0.9, seed=5)
+    queued = E.EngineRequest(prompt_ids=prompt(5, 63), max_new_tokens=6, stop_ids=(EOS,))  # row 0 after `short`
+    reqs = [short, long, queued]
+    with E.Engine(model, max_batch=2, max_len=64, prefill_chunk=32, steps_per_sync=4,
+                  kv_cache_dtype="int8") as engine:
+        assert engine._state.cache.quantized
+        handles = [engine.submit(short)]
+        next(handles[0].tokens(timeout=120))  # `short` runs in row 0: `long` goes to row 1
+        handles += [engine.submit(r) for r in reqs[1:]]
+        results = [h.result(timeout=120) for h in handles]
+        assert engine.shifts >= 2 and engine.moves >= 1, (engine.shifts, engine.moves)
+    assert results == [solo(model, r, kv_cache_dtype="int8") for r in reqs]
+    assert len(results[1]) == 40  # `long` ran to the end of the cache
+
+
+def test_shifts_and_row_moves_carry_an_int8_caches_scales_with_its_values(model):
+    """Engine._shift (roll along the slots) and move_row on an int8 cache: every slot's dequantized keys
+    and values go where the float values would go (a scale left behind would pair a key with the
+    scale of another slot)."""
+    from bluelm_jax.attention import dequantize_kv, quantize_kv
+
+    def dequantized(cache):  # [layers, 2 (k, v), batch, kv_heads, slots, head_dim] float32
+        return np.stack([np.stack([dequantize_kv(k, ks, jnp.float32), dequantize_kv(v, vs, jnp.float32)])
+                         for k, v, ks, vs in zip(cache.k, cache.v, cache.k_scale, cache.v_scale)])
+
+    with E.Engine(model, max_batch=2, max_len=16, kv_cache_dtype="int8") as engine:
+        rng = np.random.default_rng(0)
+
+        def fill_shift_and_move():
+            cache = engine._state.cache
+            shape = cache.k[0].shape
+            quantized = [[quantize_kv(jnp.asarray(rng.normal(size=shape) * rng.uniform(0.1, 5, shape[:3] + (1,)),
+                                                  jnp.float32)) for _ in range(2)] for _ in cache.k]
+            engine._state = engine._state._replace(cache=cache._replace(
+                k=tuple(k[0] for k, _ in quantized), v=tuple(v[0] for _, v in quantized),
+                k_scale=tuple(k[1] for k, _ in quantized), v_scale=tuple(v[1] for _, v in quantized)))
+            before = dequantized(engine._state.cache)
+            engine._shift(5)
+            after_shift = dequantized(engine._state.cache)
+            engine._state = E.move_row(engine._state, np.int32(1), np.int32(0))
+            return before, after_shift, dequantized(engine._state.cache)
+
+        out = {}
+        engine._on_loop(lambda: out.update(zip(("before", "shifted", "moved"), fill_shift_and_move())))
+    np.testing.assert_array_equal(out["shifted"], np.roll(out["before"], 5, axis=-2))
+    np.testing.assert_array_equal(out["moved"][:, :, 0], out["shifted"][:, :, 1])
+
+
+@pytest.mark.parametrize("value", ["fp8", "int4", 8, "INT8"])
+def test_a_bad_kv_cache_dtype_is_one_clear_error(model, value):
+    for make in (lambda: planning.GenerationSettings(kv_cache_dtype=value),
+                 lambda: E.Engine(model, kv_cache_dtype=value)):
+        with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, int8"):
+            make()

@@ -115,7 +115,7 @@ def _serve(args, load, name: str, sock: socket.socket) -> None:
 
     model, mesh = load(args)
     with sharding.use(mesh), Engine(model, max_batch=args.max_batch, max_queue=args.max_queue,
-                                                  max_len=args.max_len) as engine:
+                                    max_len=args.max_len, kv_cache_dtype=args.kv_cache_dtype) as engine:
         started = time.perf_counter()
         engine.warm_up()  # the first requests do not wait for the decode blocks to compile
         print(f"compiled the engine in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
