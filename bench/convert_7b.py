@@ -1,6 +1,7 @@
 """Benchmark: convert a random checkpoint of the full BlueLM-7B shape; report wall time and peak RSS.
 
     python bench/convert_7b.py [--workdir /tmp/bluelm-7b-bench] [--shards 2] [--keep]
+                               [--quantize none int8 int4]
 
 Writes a bfloat16 Hugging Face directory (config.json of BlueLM-7B-Base, sharded
 safetensors with their index like the release, a placeholder tokenizer.model) without ever
@@ -85,10 +86,10 @@ def write_random_checkpoint(directory: str, shards: int, seed: int = 0, config: 
     return total
 
 
-def run_converter(hf_dir: str, out_dir: str) -> dict:
+def run_converter(hf_dir: str, out_dir: str, quantize: str = "none") -> dict:
     """Runs the converter CLI under /usr/bin/time -v; returns wall seconds, peak RSS and its output."""
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "convert.hf_to_flax", "--hf-dir", hf_dir, "--out", out_dir,
-           "--no-progress"]
+           "--no-progress"] + ([] if quantize == "none" else ["--quantize", quantize])
     print("  $ " + " ".join(cmd), flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -105,6 +106,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/bluelm-7b-bench")
     parser.add_argument("--shards", type=int, default=2, help="safetensors shards (the release uses 2)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    parser.add_argument("--quantize", nargs="+", default=["none"], choices=("none", "int8", "int4"),
+                        help="convert once per kind: none (bfloat16 as stored), int8, int4 (default: none)")
     args = parser.parse_args()
     if not os.path.exists("/usr/bin/time"):
         sys.exit("/usr/bin/time is missing (apt-get install time)")
@@ -115,13 +118,17 @@ def main() -> None:
         print(f"writing a random BlueLM-7B checkpoint into {hf_dir}", flush=True)
         total = write_random_checkpoint(hf_dir, args.shards)
         print(f"  {total / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s", flush=True)
-        result = run_converter(hf_dir, out_dir)
-        out_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out_dir) for f in fs)
-        print(f"  {result['stdout']}")
-        print(f"converter wall time: {result['wall_s']:.1f} s ({total / 1e9 / result['wall_s']:.2f} GB/s)")
-        print(f"converter peak RSS:  {result['peak_rss_gb']:.2f} GB (target <= {TARGET_RSS_GB:.1f} GB: "
-              f"{'met' if result['peak_rss_gb'] <= TARGET_RSS_GB else 'MISSED'})")
-        print(f"output on disk:      {out_bytes / 1e9:.2f} GB")
+        for kind in args.quantize:
+            out = f"{out_dir}-{kind}"
+            result = run_converter(hf_dir, out, kind)
+            out_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+            print(f"  {result['stdout']}")
+            print(f"[{kind}] converter wall time: {result['wall_s']:.1f} s ({total / 1e9 / result['wall_s']:.2f} GB/s)")
+            print(f"[{kind}] converter peak RSS:  {result['peak_rss_gb']:.2f} GB (target <= {TARGET_RSS_GB:.1f} GB: "
+                  f"{'met' if result['peak_rss_gb'] <= TARGET_RSS_GB else 'MISSED'})")
+            print(f"[{kind}] output on disk:      {out_bytes / 1e9:.2f} GB", flush=True)
+            if not args.keep:
+                shutil.rmtree(out, ignore_errors=True)
     finally:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
