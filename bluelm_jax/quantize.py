@@ -44,6 +44,8 @@ INT8_MAX = 127
 INT4_MAX = 7  # symmetric: levels -7..7 (the nibble's -8 is never used)
 GROUP = 128  # int4 inputs per scale
 OUT_BLOCK = 64  # output channels dequantized at once by the CPU products (measured best of 32, 64, 128)
+CPU_BF16_ROWS = 8  # rows that XLA's CPU bfloat16 dot is padded to (as model._bf16_weight_matmul's)
+BF16_BLOCK_FACTOR = 8  # an int8 product's bfloat16 blocks are this many times OUT_BLOCK (half the bytes, fewer dots)
 
 
 # --------------------------------------------------------------------------- layout helpers
@@ -148,39 +150,41 @@ def _block_size(n: int, target: int) -> int:
     return max(d for d in range(1, min(n, target) + 1) if n % d == 0)
 
 
-def _blocked_product(x: jax.Array, q: jax.Array, scale: jax.Array, in_axis: int,
-                     dequantize: Callable[[jax.Array, jax.Array], jax.Array], block: int) -> jax.Array:
+def _blocked_product(x: jax.Array, q: jax.Array, in_axis: int, to_float: Callable[..., jax.Array], block: int,
+                     scale: jax.Array | None = None) -> jax.Array:
     """x [rows, in] times a quantized weight, one block at a time, float32 [rows, out].
 
-    `dequantize(q_block, scale_block)` turns one block of q (blocks along q's axis 0) and its
-    scales (blocks along scale's last axis for [out, in], axis 0 for [in, out]) into a float
-    block of the weight in q's layout. [out, in]: blocks of output channels, results
-    concatenated. [in, out]: blocks of input rows, results summed.
+    `to_float(q_block)`, or `to_float(q_block, scale_block)` when `scale` is given, turns one
+    block of q (blocks along q's axis 0) into a float block of the weight in q's layout; the
+    scales are blocked along their last axis for [out, in] and along axis 0 for [in, out].
+    [out, in]: blocks of output channels, results concatenated. [in, out]: blocks of input
+    rows, results summed. Each block's dot takes the block in x's dtype, with a float32 result.
     """
     n_blocks = q.shape[0] // block
     q_blocks = q.reshape(n_blocks, block, *q.shape[1:])
     if in_axis == 1:
-        scale_blocks = jnp.moveaxis(scale.reshape(*scale.shape[:-1], n_blocks, -1), -2, 0)  # [blocks, ..., block]
+        blocks = (q_blocks,) if scale is None else \
+            (q_blocks, jnp.moveaxis(scale.reshape(*scale.shape[:-1], n_blocks, -1), -2, 0))  # [blocks, ..., block]
 
         def out_block(args):
-            w = dequantize(*args).astype(x.dtype)  # [block, in]
+            w = to_float(*args).astype(x.dtype)  # [block, in]
             return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
-        y = jax.lax.map(out_block, (q_blocks, scale_blocks))  # [blocks, rows, block]
+        y = jax.lax.map(out_block, blocks)  # [blocks, rows, block]
         return jnp.moveaxis(y, 0, 1).reshape(x.shape[0], -1)  # [rows, out]
 
     x_blocks = jnp.moveaxis(x.reshape(x.shape[0], n_blocks, -1), 1, 0)  # [blocks, rows, in/blocks]
-    scale_blocks = scale.reshape(n_blocks, -1, *scale.shape[1:]) if scale.ndim == 2 else \
-        jnp.broadcast_to(scale, (n_blocks, *scale.shape))
+    blocks = (x_blocks, q_blocks) if scale is None else \
+        (x_blocks, q_blocks, scale.reshape(n_blocks, -1, *scale.shape[1:]))
 
     def in_block(total, args):
-        x_block, q_block, scale_block = args
-        w = dequantize(q_block, scale_block).astype(x.dtype)  # [in/blocks, out]
+        x_block, *weight_block = args
+        w = to_float(*weight_block).astype(x.dtype)  # [in/blocks, out]
         return total + jax.lax.dot_general(x_block, w, (((1,), (0,)), ((), ())),
                                            preferred_element_type=jnp.float32), None
 
     total = jnp.zeros((x.shape[0], q.shape[1]), jnp.float32)
-    return jax.lax.scan(in_block, total, (x_blocks, q_blocks, scale_blocks))[0]
+    return jax.lax.scan(in_block, total, blocks)[0]
 
 
 def _flat_product(x: jax.Array, product: Callable[[jax.Array], jax.Array]) -> jax.Array:
@@ -194,29 +198,102 @@ def _compute_dtype(x: jax.Array):
     return x.dtype if x.dtype in (jnp.float32, jnp.bfloat16) else jnp.float32
 
 
+def _dequantize_then_dot(x: jax.Array, q: jax.Array, scale: jax.Array, w_in_axis: int,
+                         dequantize: Callable) -> jax.Array:
+    """x [..., in] times the whole weight dequantized in x's dtype: float32 [..., out] (accelerators)."""
+    dims = (((1,), (w_in_axis,)), ((), ()))
+    return _flat_product(x, lambda x2: jax.lax.dot_general(
+        x2, dequantize(q, scale, w_in_axis, x.dtype), dims, preferred_element_type=jnp.float32))
+
+
 def _quantized_product(x: jax.Array, q: jax.Array, scale: jax.Array, w_in_axis: int, dequantize: Callable,
                        rows_per_block: int) -> jax.Array:
     """x [..., in] times a quantized weight q with its scales: float32 [..., out].
     dequantize(q, scale, in_axis, dtype): the float weight, whole or one block of q's axis 0 with its
-    scales. On CPU blocked (`_blocked_product`, `rows_per_block` rows of q at a time), elsewhere
-    dequantize-then-dot."""
+    scales. On CPU blocked (`_blocked_product`, `rows_per_block` rows of q at a time, each block
+    dequantized with its scales), elsewhere dequantize-then-dot."""
     x = x.astype(_compute_dtype(x))
     if jax.default_backend() != "cpu":
-        dims = (((1,), (w_in_axis,)), ((), ()))
-        return _flat_product(x, lambda x2: jax.lax.dot_general(
-            x2, dequantize(q, scale, w_in_axis, x.dtype), dims, preferred_element_type=jnp.float32))
+        return _dequantize_then_dot(x, q, scale, w_in_axis, dequantize)
     block_dequantize = lambda q_block, s_block: dequantize(q_block, s_block, w_in_axis)  # noqa: E731
-    return _flat_product(x, lambda x2: _blocked_product(x2, q, scale, w_in_axis, block_dequantize, rows_per_block))
+    return _flat_product(x, lambda x2: _blocked_product(x2, q, w_in_axis, block_dequantize, rows_per_block, scale))
+
+
+# --------------------------------------------------------------------------- int8 products on CPU
+
+
+def _int8_values(q: jax.Array, dtype) -> jax.Array:
+    """int8 q -> the same integers in `dtype` (exact: |q| <= 127 fits bfloat16's 8-bit significand).
+    bfloat16 is taken as the top half of the float32's bits, which XLA on CPU runs several
+    times faster than its own int8 -> bfloat16 convert (that truncation is exact here)."""
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return q.astype(dtype)
+    bits = jax.lax.bitcast_convert_type(q.astype(jnp.float32), jnp.uint32)
+    return jax.lax.bitcast_convert_type((bits >> 16).astype(jnp.uint16), jnp.bfloat16)
+
+
+def _pad_rows(x: jax.Array, multiple: int) -> jax.Array:
+    """x [rows, in] with zero rows appended up to a multiple of `multiple`."""
+    pad = -x.shape[0] % multiple
+    return jnp.pad(x, ((0, pad), (0, 0))) if pad else x
+
+
+def _bf16_halves(x: jax.Array) -> jax.Array:
+    """float32 x [rows, in] -> bfloat16 [2 * rows, in]: x rounded to bfloat16 (rows 0..rows-1) and
+    the rounding's remainder rounded to bfloat16 (the rest). Their sum is x within 2^-16 |x|."""
+    high = x.astype(jnp.bfloat16)
+    low = (x - high.astype(jnp.float32)).astype(jnp.bfloat16)
+    return jnp.concatenate([high, low])
+
+
+def _int8_bf16_dot(x: jax.Array, q: jax.Array, in_axis: int, block: int) -> jax.Array:
+    """bfloat16 x [rows, in] times the int8 integers of q, unscaled: float32 [rows, out]. Blocks of q
+    converted to bfloat16 (exact), bfloat16 dots with a float32 result on rows padded to
+    CPU_BF16_ROWS (the row count at which XLA's CPU bfloat16 dot is fast)."""
+    padded = _pad_rows(x, CPU_BF16_ROWS)  # [rows + pad, in]
+    to_bf16 = lambda q_block: _int8_values(q_block, jnp.bfloat16)  # noqa: E731
+    return _blocked_product(padded, q, in_axis, to_bf16, block)[: x.shape[0]]
+
+
+def _int8_cpu_product(x: jax.Array, q: jax.Array, scale: jax.Array, in_axis: int, block: int,
+                      bf16_block: int) -> jax.Array:
+    """x [rows, in] (float32 or bfloat16) times the int8 weight on CPU: float32 [rows, out], in
+    blocks of `block` rows of q (float32) or `bf16_block` rows (bfloat16).
+
+    The dots multiply by the integers of q, and the per-channel scale multiplies their result
+    (exact: the scale is constant along the contraction), so a block is only converted:
+    - bfloat16 x: blocks converted to bfloat16 (`_int8_bf16_dot`);
+    - float32 x of 2 to CPU_BF16_ROWS / 2 rows, [out, in]: x split into two bfloat16 halves
+      (`_bf16_halves`), both dotted as one padded bfloat16 product, the halves' results summed:
+      float32 accuracy for the rows the padding would have wasted;
+    - other float32 x (1 row, more rows, [in, out]): blocks converted to float32, float32 dots.
+    """
+    rows = x.shape[0]
+    if x.dtype == jnp.bfloat16:
+        y = _int8_bf16_dot(x, q, in_axis, bf16_block)
+    elif in_axis == 1 and 2 <= rows <= CPU_BF16_ROWS // 2:
+        halves = _int8_bf16_dot(_bf16_halves(x), q, in_axis, bf16_block)  # [2 * rows, out]
+        y = halves[:rows] + halves[rows:]
+    else:
+        y = _blocked_product(x, q, in_axis, lambda q_block: q_block.astype(jnp.float32), block)
+    return y * scale  # [rows, out]
 
 
 def int8_product(x: jax.Array, q: jax.Array, scale: jax.Array, w_in_axis: int,
                  block: int = OUT_BLOCK) -> jax.Array:
     """x [..., in] (float32 or bfloat16) times the int8 weight (q [in, out] or [out, in], scale [out]):
-    float32 [..., out]. Blocked on CPU (module docstring), dequantize-then-dot elsewhere."""
+    float32 [..., out]. Blocked on CPU (module docstring, `_int8_cpu_product`: float32 blocks of
+    `block` output channels, bfloat16 blocks BF16_BLOCK_FACTOR times longer; for [in, out],
+    blocks of input rows 4 times longer), dequantize-then-dot elsewhere."""
     _out_axis(w_in_axis)
-    # [in, out]: a block of input rows scales by every output channel, so its blocks are longer
-    rows_per_block = _block_size(q.shape[0], block if w_in_axis == 1 else block * 4)
-    return _quantized_product(x, q, scale, w_in_axis, dequantize_int8, rows_per_block)
+    x = x.astype(_compute_dtype(x))
+    if jax.default_backend() != "cpu":
+        return _dequantize_then_dot(x, q, scale, w_in_axis, dequantize_int8)
+    # [in, out]: a block of input rows reaches every output channel, so its blocks are longer
+    rows_per_block = block if w_in_axis == 1 else block * 4
+    f32_block = _block_size(q.shape[0], rows_per_block)
+    bf16_block = _block_size(q.shape[0], rows_per_block * BF16_BLOCK_FACTOR)
+    return _flat_product(x, lambda x2: _int8_cpu_product(x2, q, scale, w_in_axis, f32_block, bf16_block))
 
 
 def int4_product(x: jax.Array, packed: jax.Array, scale: jax.Array, w_in_axis: int,

@@ -96,3 +96,41 @@ def test_products_equal_x_times_the_dequantized_weight(kind, lead, in_axis):
 def test_quantized_bytes():
     assert Q.quantized_bytes((4096, 11008), "int8") == 4096 * 11008 + 4 * 11008
     assert Q.quantized_bytes((4096, 11008), "int4") == 4096 * 11008 // 2 + 4 * 32 * 11008
+
+
+@pytest.mark.parametrize("in_axis", [0, 1])
+@pytest.mark.parametrize("rows", [1, 3, 8, 33])
+def test_int8_product_of_float32_rows_has_float32_accuracy(rows, in_axis):
+    """Every row count's formulation (float32 blocks; two bfloat16 halves of x for 2 to 4 rows of
+    [out, in]) equals x @ dequantize(q) to float32 accuracy: x is never just rounded to bfloat16."""
+    w = weight(7, in_axis)
+    x = np.random.default_rng(8).standard_normal((rows, IN)).astype(np.float32)
+    q, scale = Q.quantize_int8(w, in_axis)
+    dense = np.asarray(Q.dequantize_int8(q, scale, in_axis)).astype(np.float64)
+    expected = x @ (dense if in_axis == 0 else dense.T)  # [rows, out], float64
+    y = Q.int8_product(x, q, scale, in_axis, block=4)  # several float32 and bfloat16 blocks
+    assert y.dtype == jnp.float32 and y.shape == (rows, OUT)
+    # the halves carry x to 2^-16 of its size (errors here up to ~1e-4); x rounded to bfloat16
+    # alone would be off by ~1e-2
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=3e-4)
+
+
+@pytest.mark.parametrize("in_axis", [0, 1])
+@pytest.mark.parametrize("rows", [1, 3, 8, 33])
+def test_int8_product_of_bfloat16_rows_scales_after_an_exact_dot(rows, in_axis):
+    """bfloat16 x: the integers of q in bfloat16 (exact), a float32-accumulated dot, then the scale;
+    so the result is the float32 product of x's own values, not of a bfloat16-rounded weight."""
+    w = weight(9, in_axis)
+    x = jnp.asarray(np.random.default_rng(10).standard_normal((rows, IN)), jnp.bfloat16)
+    q, scale = Q.quantize_int8(w, in_axis)
+    dense = np.asarray(Q.dequantize_int8(q, scale, in_axis)).astype(np.float64)
+    expected = np.asarray(x.astype(jnp.float32)).astype(np.float64) @ (dense if in_axis == 0 else dense.T)
+    y = Q.int8_product(x, q, scale, in_axis, block=4)
+    assert y.dtype == jnp.float32 and y.shape == (rows, OUT)
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=2e-5)
+
+
+def test_int8_values_in_bfloat16_are_exact():
+    q = jnp.arange(-127, 128, dtype=jnp.int8)
+    np.testing.assert_array_equal(np.asarray(Q._int8_values(q, jnp.bfloat16).astype(jnp.float32)),
+                                  np.arange(-127, 128, dtype=np.float32))
