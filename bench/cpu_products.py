@@ -14,7 +14,7 @@ offers here, and transformers' own (torch.nn.functional.linear in bfloat16, [out
   multiply-reduce [out,in]  x * W summed over `in`, the convert fused into the reduction
   int8 product [out,in]     quantize.int8_product: int8 per output channel, scaled after its dots
                             (the formulation it picks for the row count: float32 blocks of 64
-                            channels at 1 row and above 4 rows, x's two bfloat16 halves at 2-4)
+                            channels at 1 row and above 8 rows, x's two bfloat16 halves at 2-8)
   int8 product, bf16 x      the same with bfloat16 activations (bfloat16 blocks from 2 rows)
   int8 f32 blocks           its float32-block formulation at every row count
   int8 bf16 halves          its two-bfloat16-halves formulation at every row count

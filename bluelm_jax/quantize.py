@@ -263,17 +263,18 @@ def _int8_cpu_product(x: jax.Array, q: jax.Array, scale: jax.Array, in_axis: int
     The dots multiply by the integers of q, and the per-channel scale multiplies their result
     (exact: the scale is constant along the contraction), so a block is only converted:
     - 1 row (either dtype, bfloat16 x taken exactly in float32), float32 x of more than
-      CPU_BF16_ROWS / 2 rows, and float32 x by a [in, out] weight: blocks converted to
-      float32, float32 dots (at 1 row XLA's bfloat16 dot is slow even padded);
+      CPU_BF16_ROWS rows, and float32 x by a [in, out] weight: blocks converted to float32,
+      float32 dots (at 1 row XLA's bfloat16 dot is slow even padded; at many rows float32
+      blocks beat the bfloat16 product of twice the rows);
     - bfloat16 x of 2 rows or more: blocks converted to bfloat16 (`_int8_bf16_dot`);
-    - float32 x of 2 to CPU_BF16_ROWS / 2 rows by a [out, in] weight: x split into two
-      bfloat16 halves (`_bf16_halves`) dotted as one padded bfloat16 product, the halves'
-      results summed: float32 accuracy in the rows the padding would have wasted.
+    - float32 x of 2 to CPU_BF16_ROWS rows by a [out, in] weight: x split into two bfloat16
+      halves (`_bf16_halves`) dotted as one padded bfloat16 product (up to 2 * CPU_BF16_ROWS
+      rows), the halves' results summed: float32 accuracy at a bfloat16 product's speed.
     """
     rows = x.shape[0]
     if rows > 1 and x.dtype == jnp.bfloat16:
         y = _int8_bf16_dot(x, q, in_axis, bf16_block)
-    elif rows > 1 and in_axis == 1 and rows <= CPU_BF16_ROWS // 2:
+    elif rows > 1 and in_axis == 1 and rows <= CPU_BF16_ROWS:
         halves = _int8_bf16_dot(_bf16_halves(x), q, in_axis, bf16_block)  # [2 * rows, out]
         y = halves[:rows] + halves[rows:]
     else:

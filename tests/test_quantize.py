@@ -101,7 +101,7 @@ def test_quantized_bytes():
 @pytest.mark.parametrize("in_axis", [0, 1])
 @pytest.mark.parametrize("rows", [1, 3, 8, 33])
 def test_int8_product_of_float32_rows_has_float32_accuracy(rows, in_axis):
-    """Every row count's formulation (float32 blocks; two bfloat16 halves of x for 2 to 4 rows of
+    """Every row count's formulation (float32 blocks; two bfloat16 halves of x for 2 to 8 rows of
     [out, in]) equals x @ dequantize(q) to float32 accuracy: x is never just rounded to bfloat16."""
     w = weight(7, in_axis)
     x = np.random.default_rng(8).standard_normal((rows, IN)).astype(np.float32)
