@@ -44,8 +44,8 @@ INT8_MAX = 127
 INT4_MAX = 7  # symmetric: levels -7..7 (the nibble's -8 is never used)
 GROUP = 128  # int4 inputs per scale
 OUT_BLOCK = 64  # output channels dequantized at once by the CPU products (measured best of 32, 64, 128)
-CPU_BF16_ROWS = 8  # rows that XLA's CPU bfloat16 dot is padded to (as model._bf16_weight_matmul's)
-BF16_BLOCK_FACTOR = 8  # an int8 product's bfloat16 blocks are this many times OUT_BLOCK (half the bytes, fewer dots)
+X_DIGITS = 3  # int8 digits per activation in the CPU int8 product: 22 bits of fixed point per row
+CPU_DIGIT_ROWS = 8  # rows up to which the CPU int8 product multiplies x's digits (more: float32 blocks)
 
 
 # --------------------------------------------------------------------------- layout helpers
@@ -222,81 +222,74 @@ def _quantized_product(x: jax.Array, q: jax.Array, scale: jax.Array, w_in_axis: 
 # --------------------------------------------------------------------------- int8 products on CPU
 
 
-def _int8_values(q: jax.Array, dtype) -> jax.Array:
-    """int8 q -> the same integers in `dtype` (exact: |q| <= 127 fits bfloat16's 8-bit significand).
-    bfloat16 is taken as the top half of the float32's bits, which XLA on CPU runs several
-    times faster than its own int8 -> bfloat16 convert (that truncation is exact here)."""
-    if jnp.dtype(dtype) != jnp.bfloat16:
-        return q.astype(dtype)
-    bits = jax.lax.bitcast_convert_type(q.astype(jnp.float32), jnp.uint32)
-    return jax.lax.bitcast_convert_type((bits >> 16).astype(jnp.uint16), jnp.bfloat16)
+def _int8_digits(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float32 x [rows, in] -> (digits int8 [X_DIGITS, rows, in], step [rows, 1] float32) with
+    x = step * sum_k digits[k] * 256^k to within step / 2: each row in fixed point, its step the
+    power of two at which the row's largest |x| is at most 2^(8 X_DIGITS - 2) steps (so x / step
+    is exact), split into base-256 digits in [-128, 127] (the last in [-65, 65]).
+    A row with a NaN or an infinity gets a NaN step, so the product's row is NaN."""
+    bits = 8 * X_DIGITS - 2
+    peak = jnp.max(jnp.abs(x), axis=1, keepdims=True)  # [rows, 1]
+    _, exponent = jnp.frexp(peak)  # peak <= 2^exponent
+    step = jnp.where(jnp.isfinite(peak), jnp.ldexp(jnp.ones_like(peak), exponent - bits), jnp.nan)  # [rows, 1]
+    fixed = jnp.round(jnp.nan_to_num(x / step)).astype(jnp.int32)  # [rows, in], |fixed| <= 2^bits
+    digits = []
+    for _ in range(X_DIGITS - 1):
+        digit = ((fixed + 128) & 255) - 128  # [rows, in] in [-128, 127]
+        digits.append(digit)
+        fixed = (fixed - digit) >> 8  # exact: fixed - digit is a multiple of 256
+    digits.append(fixed)
+    return jnp.stack(digits).astype(jnp.int8), step
 
 
-def _pad_rows(x: jax.Array, multiple: int) -> jax.Array:
-    """x [rows, in] with zero rows appended up to a multiple of `multiple`."""
-    pad = -x.shape[0] % multiple
-    return jnp.pad(x, ((0, pad), (0, 0))) if pad else x
+def _int8_digit_product(x: jax.Array, q: jax.Array, in_axis: int) -> jax.Array:
+    """float32 x [rows, in] times the integers of q (unscaled): float32 [rows, out]. x's int8 digits
+    (`_int8_digits`) times q in one int8 x int8 -> int32 dot (exact), the digits' products
+    recombined in float32 and scaled by each row's step."""
+    digits, step = _int8_digits(x)  # [X_DIGITS, rows, in], [rows, 1]
+    rows = x.shape[0]
+    dims = (((1,), (in_axis,)), ((), ()))
+    partial = jax.lax.dot_general(digits.reshape(X_DIGITS * rows, -1), q, dims, preferred_element_type=jnp.int32)
+    partial = partial.astype(jnp.float32).reshape(X_DIGITS, rows, -1)  # [X_DIGITS, rows, out]
+    total = partial[-1]
+    for k in reversed(range(X_DIGITS - 1)):
+        total = total * 256.0 + partial[k]
+    return total * step  # [rows, out]
 
 
-def _bf16_halves(x: jax.Array) -> jax.Array:
-    """float32 x [rows, in] -> bfloat16 [2 * rows, in]: x rounded to bfloat16 (rows 0..rows-1) and
-    the rounding's remainder rounded to bfloat16 (the rest). Their sum is x within 2^-16 |x|."""
-    high = x.astype(jnp.bfloat16)
-    low = (x - high.astype(jnp.float32)).astype(jnp.bfloat16)
-    return jnp.concatenate([high, low])
-
-
-def _int8_bf16_dot(x: jax.Array, q: jax.Array, in_axis: int, block: int) -> jax.Array:
-    """bfloat16 x [rows, in] times the int8 integers of q, unscaled: float32 [rows, out]. Blocks of q
-    converted to bfloat16 (exact), bfloat16 dots with a float32 result on rows padded to
-    CPU_BF16_ROWS (the row count at which XLA's CPU bfloat16 dot is fast)."""
-    padded = _pad_rows(x, CPU_BF16_ROWS)  # [rows + pad, in]
-    to_bf16 = lambda q_block: _int8_values(q_block, jnp.bfloat16)  # noqa: E731
-    return _blocked_product(padded, q, in_axis, to_bf16, block)[: x.shape[0]]
-
-
-def _int8_cpu_product(x: jax.Array, q: jax.Array, scale: jax.Array, in_axis: int, block: int,
-                      bf16_block: int) -> jax.Array:
-    """x [rows, in] (float32 or bfloat16) times the int8 weight on CPU: float32 [rows, out], in
-    blocks of `block` rows of q (float32) or `bf16_block` rows (bfloat16).
+def _int8_cpu_product(x: jax.Array, q: jax.Array, scale: jax.Array, in_axis: int, block: int) -> jax.Array:
+    """float32 x [rows, in] times the int8 weight on CPU: float32 [rows, out].
 
     The dots multiply by the integers of q, and the per-channel scale multiplies their result
-    (exact: the scale is constant along the contraction), so a block is only converted:
-    - 1 row (either dtype, bfloat16 x taken exactly in float32), float32 x of more than
-      CPU_BF16_ROWS rows, and float32 x by a [in, out] weight: blocks converted to float32,
-      float32 dots (at 1 row XLA's bfloat16 dot is slow even padded; at many rows float32
-      blocks beat the bfloat16 product of twice the rows);
-    - bfloat16 x of 2 rows or more: blocks converted to bfloat16 (`_int8_bf16_dot`);
-    - float32 x of 2 to CPU_BF16_ROWS rows by a [out, in] weight: x split into two bfloat16
-      halves (`_bf16_halves`) dotted as one padded bfloat16 product (up to 2 * CPU_BF16_ROWS
-      rows), the halves' results summed: float32 accuracy at a bfloat16 product's speed.
+    (exact: the scale is constant along the contraction):
+    - up to CPU_DIGIT_ROWS rows: x's int8 digits (`_int8_digit_product`), an integer dot that
+      reads q as it is stored (x to within 2^-(8 X_DIGITS - 2) of its row's largest value,
+      about float32's own rounding of the product's sum);
+    - more rows, or an input too long for int32 sums of digit products: blocks of `block` rows
+      of q converted to float32 (exact), float32 dots.
     """
-    rows = x.shape[0]
-    if rows > 1 and x.dtype == jnp.bfloat16:
-        y = _int8_bf16_dot(x, q, in_axis, bf16_block)
-    elif rows > 1 and in_axis == 1 and rows <= CPU_BF16_ROWS:
-        halves = _int8_bf16_dot(_bf16_halves(x), q, in_axis, bf16_block)  # [2 * rows, out]
-        y = halves[:rows] + halves[rows:]
+    int32_safe = q.shape[in_axis] * 128 * INT8_MAX < 2 ** 31
+    if x.shape[0] <= CPU_DIGIT_ROWS and int32_safe:
+        y = _int8_digit_product(x, q, in_axis)
     else:
-        y = _blocked_product(x.astype(jnp.float32), q, in_axis, lambda q_block: q_block.astype(jnp.float32), block)
+        y = _blocked_product(x, q, in_axis, lambda q_block: q_block.astype(jnp.float32), block)
     return y * scale  # [rows, out]
 
 
 def int8_product(x: jax.Array, q: jax.Array, scale: jax.Array, w_in_axis: int,
                  block: int = OUT_BLOCK) -> jax.Array:
     """x [..., in] (float32 or bfloat16) times the int8 weight (q [in, out] or [out, in], scale [out]):
-    float32 [..., out]. Blocked on CPU (module docstring, `_int8_cpu_product`: float32 blocks of
-    `block` output channels, bfloat16 blocks BF16_BLOCK_FACTOR times longer; for [in, out],
-    blocks of input rows 4 times longer), dequantize-then-dot elsewhere."""
+    float32 [..., out]. On CPU (`_int8_cpu_product`) x in float32 (a bfloat16 x exactly) and the
+    scale applied after integer or blocked float32 dots, `block` output channels (input rows
+    for [in, out], 4 times as many) at a time; dequantize-then-dot elsewhere."""
     _out_axis(w_in_axis)
     x = x.astype(_compute_dtype(x))
     if jax.default_backend() != "cpu":
         return _dequantize_then_dot(x, q, scale, w_in_axis, dequantize_int8)
     # [in, out]: a block of input rows reaches every output channel, so its blocks are longer
-    rows_per_block = block if w_in_axis == 1 else block * 4
-    f32_block = _block_size(q.shape[0], rows_per_block)
-    bf16_block = _block_size(q.shape[0], rows_per_block * BF16_BLOCK_FACTOR)
-    return _flat_product(x, lambda x2: _int8_cpu_product(x2, q, scale, w_in_axis, f32_block, bf16_block))
+    rows_per_block = _block_size(q.shape[0], block if w_in_axis == 1 else block * 4)
+    return _flat_product(x.astype(jnp.float32),
+                         lambda x2: _int8_cpu_product(x2, q, scale, w_in_axis, rows_per_block))
 
 
 def int4_product(x: jax.Array, packed: jax.Array, scale: jax.Array, w_in_axis: int,

@@ -100,37 +100,41 @@ def test_quantized_bytes():
 
 @pytest.mark.parametrize("in_axis", [0, 1])
 @pytest.mark.parametrize("rows", [1, 3, 8, 33])
-def test_int8_product_of_float32_rows_has_float32_accuracy(rows, in_axis):
-    """Every row count's formulation (float32 blocks; two bfloat16 halves of x for 2 to 8 rows of
-    [out, in]) equals x @ dequantize(q) to float32 accuracy: x is never just rounded to bfloat16."""
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_int8_product_has_float32_accuracy_at_every_row_count(dtype, rows, in_axis):
+    """Each row count's formulation (x's int8 digits up to 8 rows, float32 blocks beyond) equals
+    x @ dequantize(q) to float32 accuracy: neither x nor the weight is rounded to 8 bits."""
     w = weight(7, in_axis)
-    x = np.random.default_rng(8).standard_normal((rows, IN)).astype(np.float32)
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((rows, IN)), dtype)
     q, scale = Q.quantize_int8(w, in_axis)
     dense = np.asarray(Q.dequantize_int8(q, scale, in_axis)).astype(np.float64)
-    expected = x @ (dense if in_axis == 0 else dense.T)  # [rows, out], float64
-    y = Q.int8_product(x, q, scale, in_axis, block=4)  # several float32 and bfloat16 blocks
-    assert y.dtype == jnp.float32 and y.shape == (rows, OUT)
-    # the halves carry x to 2^-16 of its size (errors here up to ~1e-4); x rounded to bfloat16
-    # alone would be off by ~1e-2
-    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=3e-4)
-
-
-@pytest.mark.parametrize("in_axis", [0, 1])
-@pytest.mark.parametrize("rows", [1, 3, 8, 33])
-def test_int8_product_of_bfloat16_rows_scales_after_an_exact_dot(rows, in_axis):
-    """bfloat16 x: the integers of q in bfloat16 (exact), a float32-accumulated dot, then the scale;
-    so the result is the float32 product of x's own values, not of a bfloat16-rounded weight."""
-    w = weight(9, in_axis)
-    x = jnp.asarray(np.random.default_rng(10).standard_normal((rows, IN)), jnp.bfloat16)
-    q, scale = Q.quantize_int8(w, in_axis)
-    dense = np.asarray(Q.dequantize_int8(q, scale, in_axis)).astype(np.float64)
-    expected = np.asarray(x.astype(jnp.float32)).astype(np.float64) @ (dense if in_axis == 0 else dense.T)
-    y = Q.int8_product(x, q, scale, in_axis, block=4)
+    x64 = np.asarray(x.astype(jnp.float32)).astype(np.float64)
+    expected = x64 @ (dense if in_axis == 0 else dense.T)  # [rows, out]
+    y = Q.int8_product(x, q, scale, in_axis, block=4)  # several float32 blocks
     assert y.dtype == jnp.float32 and y.shape == (rows, OUT)
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=2e-5)
 
 
-def test_int8_values_in_bfloat16_are_exact():
-    q = jnp.arange(-127, 128, dtype=jnp.int8)
-    np.testing.assert_array_equal(np.asarray(Q._int8_values(q, jnp.bfloat16).astype(jnp.float32)),
-                                  np.arange(-127, 128, dtype=np.float32))
+def test_int8_digits_rebuild_each_row_within_half_a_step():
+    x = np.random.default_rng(11).standard_normal((4, IN)).astype(np.float32)
+    x[1] *= 1e4  # rows of different sizes, a zero row, and a row with one large value
+    x[2] = 0.0
+    x[3, 5] = 300.0
+    digits, step = Q._int8_digits(jnp.asarray(x))
+    assert digits.dtype == jnp.int8 and digits.shape == (Q.X_DIGITS, 4, IN) and step.shape == (4, 1)
+    rebuilt = sum(np.asarray(digits[k]).astype(np.float64) * 256.0 ** k for k in range(Q.X_DIGITS))
+    step = np.asarray(step).astype(np.float64)
+    assert (np.abs(rebuilt * step - x) <= step / 2).all()
+    # a power of two, the smallest at which the row's largest value is at most 2^(8 digits - 2) steps
+    steps_at_peak = np.abs(x).max(axis=1) / step[:, 0]  # [rows]
+    assert (np.log2(step) == np.round(np.log2(step))).all()
+    assert ((steps_at_peak[[0, 1, 3]] <= 2.0 ** (8 * Q.X_DIGITS - 2)) & (steps_at_peak[[0, 1, 3]] > 2.0 ** (8 * Q.X_DIGITS - 3))).all()
+    assert (np.asarray(digits[-1]) != 0).any()  # the top digit carries the largest values
+
+
+def test_int8_product_of_a_nan_row_is_nan():
+    q, scale = Q.quantize_int8(weight(12, 1), 1)
+    x = np.random.default_rng(13).standard_normal((2, IN)).astype(np.float32)
+    x[1, 3] = np.nan
+    y = np.asarray(Q.int8_product(x, q, scale, 1))
+    assert np.isfinite(y[0]).all() and np.isnan(y[1]).all()
