@@ -13,13 +13,10 @@ offers here, and transformers' own (torch.nn.functional.linear in bfloat16, [out
   convert+f32 [in,out]      the weight converted to float32 inside the program, then a float32 dot
   multiply-reduce [out,in]  x * W summed over `in`, the convert fused into the reduction
   int8 product [out,in]     quantize.int8_product: int8 per output channel, scaled after its dots
-                            (the formulation it picks for the row count: float32 blocks of 64
-                            channels at 1 row and above 8 rows, x's two bfloat16 halves at 2-8)
-  int8 product, bf16 x      the same with bfloat16 activations (bfloat16 blocks from 2 rows)
+                            (the formulation it picks for the row count: x's int8 digits in an
+                            integer dot up to 8 rows, float32 blocks of 64 channels beyond)
+  int8 digits               its integer-dot formulation at every row count
   int8 f32 blocks           its float32-block formulation at every row count
-  int8 bf16 halves          its two-bfloat16-halves formulation at every row count
-  int8 x to bf16            x rounded to bfloat16, bfloat16 blocks (not used for float32 x: it
-                            loses x's precision, as bf16 pad8 does)
   int4 blocked [out,in]     quantize.int4_product: packed int4, groups of 128, dequantized 64 channels at a time
   int8 multiply-reduce      the int8 weight's convert fused into a multiply-reduce over [out, in]
   int8 multiply-reduce pad8 the same on rows padded to 8
@@ -87,28 +84,20 @@ def quantized_formulations(w_out_in: jax.Array) -> dict:
     int8 product's formulations forced at every row count."""
     int8 = Q.quantize_int8(w_out_in, 1)  # (q [out, in] int8, scale [out])
     int4 = Q.quantize_int4(w_out_in, 1)  # (packed [out, in/2] int8, scale [in/128, out])
-    bf16_block = Q._block_size(w_out_in.shape[0], Q.OUT_BLOCK * Q.BF16_BLOCK_FACTOR)
     multiply_reduce = lambda x, q, s: jnp.sum(x[:, None, :] * q.astype(jnp.float32), axis=-1) * s  # noqa: E731
 
     def f32_blocks(x, q, s):
         block = Q._block_size(q.shape[0], Q.OUT_BLOCK)
         return Q._blocked_product(x, q, 1, lambda q_block: q_block.astype(jnp.float32), block) * s
 
-    def bf16_halves(x, q, s):
-        halves = Q._int8_bf16_dot(Q._bf16_halves(x), q, 1, bf16_block)  # [2 * rows, out]
-        return (halves[: x.shape[0]] + halves[x.shape[0]:]) * s
-
     def padded_multiply_reduce(x, q, s):
-        return multiply_reduce(Q._pad_rows(x, Q.CPU_BF16_ROWS), q, s)[: x.shape[0]]
+        padding = -x.shape[0] % 8
+        return multiply_reduce(jnp.pad(x, ((0, padding), (0, 0))), q, s)[: x.shape[0]]
 
     return {
         "int8 product [out,in]": (jax.jit(lambda x, q, s: Q.int8_product(x, q, s, 1)), int8),
-        "int8 product, bf16 x [out,in]": (jax.jit(lambda x, q, s: Q.int8_product(x.astype(jnp.bfloat16), q, s, 1)),
-                                          int8),
+        "int8 digits [out,in]": (jax.jit(lambda x, q, s: Q._int8_digit_product(x, q, 1) * s), int8),
         "int8 f32 blocks [out,in]": (jax.jit(f32_blocks), int8),
-        "int8 bf16 halves [out,in]": (jax.jit(bf16_halves), int8),
-        "int8 x to bf16 [out,in]": (jax.jit(lambda x, q, s: Q._int8_bf16_dot(x.astype(jnp.bfloat16), q, 1,
-                                                                              bf16_block) * s), int8),
         "int4 blocked [out,in]": (jax.jit(lambda x, q, s: Q.int4_product(x, q, s, 1)), int4),
         "int8 multiply-reduce [out,in]": (jax.jit(multiply_reduce), int8),
         "int8 multiply-reduce pad8 [out,in]": (jax.jit(padded_multiply_reduce), int8),
