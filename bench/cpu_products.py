@@ -22,9 +22,11 @@ offers here, and transformers' own (torch.nn.functional.linear in bfloat16, [out
   int8 multiply-reduce pad8 the same on rows padded to 8
   torch bf16 [out,in]       what transformers runs (oneDNN; AMX where the processor has it)
 
-Medians of --repeats calls, each compiled beforehand, the formulations taking turns. For each: ms, the bytes of the weight
-as that product stores it (bfloat16, float32, int8 or packed int4, with scales) per second, that as a fraction of the machine's bandwidth measured in the same run (a large numpy
-copy, read and write counted: see bench/decode.py), and the time over float32's and over torch's.
+Medians of --repeats calls, each compiled beforehand, the formulations taking turns. For
+each: ms, the bytes of the weight as that product stores it (bfloat16, float32, int8 or
+packed int4, with scales) per second, that as a fraction of the machine's bandwidth measured
+in the same run (a large numpy copy, read and write counted: see bench/decode.py), and the
+time over float32's and over torch's.
 """
 
 from __future__ import annotations

@@ -17,18 +17,34 @@ floating point (weight-only quantization); products return float32.
 
 Products (`int8_product`, `int4_product`). XLA on CPU does not fuse a dequantizing convert
 into its dot: dequantize-then-dot writes the whole float weight each step, and a
-multiply-reduce over [out, in] is slow at one row. On CPU the products therefore run
-blocked: a loop (`lax.map`) over blocks of OUT_BLOCK output channels of a [out, in] weight
-dequantizes one block (OUT_BLOCK x in float32, cache-sized) and multiplies it by x with a
-float32 dot, so no more than one block is ever at full precision. A [in, out] weight is
-walked over blocks of input rows instead (`lax.scan`, accumulating the float32 result).
-Measured for one [4096, 11008] weight at 1 / 8 / 32 rows on this project's 2-core machine
-while it was loaded by other work (noisy; medians of 7, `python -m bench.cpu_products`
-gives the side-by-side table): float32 dot 14.8 / 30.1 / 56.1 ms; int8 blocked [out, in]
-15.0 / 42.6 / 67.7 ms (block 64); int8 convert to bfloat16 then bfloat16 dot 148 / 190 ms;
-int8 multiply-reduce over [out, in] 743 / 40 ms (XLA's reduce is slow at one row); int4
-packed blocked 25 / 59 ms against int4 multiply-reduce 54 / 265 ms. On other backends
-(GPU, TPU), where XLA fuses the dequantization into the dot, the product is the plain
+multiply-reduce over [out, in] is slow at one row (XLA hands it to a library kernel that is
+fast at 8 rows only). On CPU:
+- int8 applies its per-channel scale after the dot (exact: the scale is constant along the
+  contraction), so the dot is by q's integers. Up to CPU_DIGIT_ROWS rows, x is written per
+  row in fixed point, X_DIGITS base-256 int8 digits on a power-of-two step (22 bits below the
+  row's largest value), and the digits times q are one int8 x int8 -> int32 dot that reads q
+  as stored and is exact; the digits' products are recombined in float32. This is not
+  activation quantization: x is kept to within 2^-23 of its row's largest value, errors the
+  size of float32's rounding of the sum (measured 2.8e-7 of the largest output at 1 row,
+  against 4.7e-7 for float32 blocks). More rows, where the integer dot's cost grows with
+  X_DIGITS times the rows, take float32 blocks as int4 does (below), blocks only converted.
+- int4 (and int8 beyond CPU_DIGIT_ROWS) runs blocked: a loop (`lax.map`) over blocks of
+  OUT_BLOCK output channels of a [out, in] weight dequantizes one block (OUT_BLOCK x in
+  float32, cache-sized) and multiplies it by x with a float32 dot, so no more than one block
+  is ever at full precision. A [in, out] weight is walked over blocks of input rows instead
+  (`lax.scan`, accumulating the float32 result).
+Measured for one [4096, 11008] [out, in] weight on this project's 2-core machine, heavily
+loaded by other work (load average ~8: times are several times a quiet machine's, compare
+ratios), medians of 11 interleaved calls at 1 / 2 / 4 / 8 / 16 / 32 rows: float32 dot
+([in, out]) 19.2 / 40.2 / 68.1 / 95.0 / 124.5 / 198.6 ms; bfloat16 weight
+(model._bf16_weight_matmul) 1.55 / 0.89 / 0.57 / 0.48 / 0.44 / 0.64 of float32; int8 with
+the scale inside each dequantized block (this module before) 1.18 / 1.04 / 0.70 / 0.54 /
+0.47 / 0.41; int8 now 0.37 / 0.35 / 0.24 / 0.45 / 0.41 / 0.38 (the integer dot forced at 16
+and 32 rows: 0.56 / 0.78); int4 packed blocked 1.23 / 1.28 / 0.81 / 0.76 / 0.55 / 0.46.
+Converting int8 blocks to bfloat16 for a bfloat16 dot measured 2-3x slower than the integer
+dot, and XLA's own int8 -> bfloat16 convert several times slower than int8 -> float32.
+`python -m bench.cpu_products` gives the side-by-side table. On other backends (GPU, TPU),
+where XLA fuses the dequantization into the dot, the product is the plain
 dequantize-then-dot.
 """
 
