@@ -24,15 +24,17 @@ fast at 8 rows only). On CPU:
   row in fixed point, X_DIGITS base-256 int8 digits on a power-of-two step (22 bits below the
   row's largest value), and the digits times q are one int8 x int8 -> int32 dot that reads q
   as stored and is exact; the digits' products are recombined in float32. This is not
-  activation quantization: x is kept to within 2^-23 of its row's largest value, errors the
+  activation quantization: x is kept to within 2^-22 of its row's largest value, errors the
   size of float32's rounding of the sum (measured 2.8e-7 of the largest output at 1 row,
   against 4.7e-7 for float32 blocks). More rows, where the integer dot's cost grows with
-  X_DIGITS times the rows, take float32 blocks as int4 does (below), blocks only converted.
-- int4 (and int8 beyond CPU_DIGIT_ROWS) runs blocked: a loop (`lax.map`) over blocks of
-  OUT_BLOCK output channels of a [out, in] weight dequantizes one block (OUT_BLOCK x in
-  float32, cache-sized) and multiplies it by x with a float32 dot, so no more than one block
-  is ever at full precision. A [in, out] weight is walked over blocks of input rows instead
-  (`lax.scan`, accumulating the float32 result).
+  X_DIGITS times the rows, and a [in, out] weight take float32 blocks as int4 does (below),
+  blocks only converted.
+- int4 (and int8 beyond CPU_DIGIT_ROWS rows or [in, out]) runs blocked: a loop (`lax.map`)
+  over blocks of OUT_BLOCK output channels of a [out, in] weight dequantizes one block
+  (OUT_BLOCK x in float32, cache-sized) and multiplies it by x with a float32 dot, so no more
+  than one block is ever at full precision. A [in, out] weight is walked over blocks of input
+  rows instead (`lax.scan`, accumulating the float32 result); there the integer dot measured
+  0.7x the float32 blocks' time at 1 row but 1.45x at 8.
 Measured for one [4096, 11008] [out, in] weight on this project's 2-core machine, heavily
 loaded by other work (load average ~8: times are several times a quiet machine's, compare
 ratios), medians of 11 interleaved calls at 1 / 2 / 4 / 8 / 16 / 32 rows: float32 dot
@@ -278,14 +280,15 @@ def _int8_cpu_product(x: jax.Array, q: jax.Array, scale: jax.Array, in_axis: int
 
     The dots multiply by the integers of q, and the per-channel scale multiplies their result
     (exact: the scale is constant along the contraction):
-    - up to CPU_DIGIT_ROWS rows: x's int8 digits (`_int8_digit_product`), an integer dot that
-      reads q as it is stored (x to within 2^-(8 X_DIGITS - 2) of its row's largest value,
-      about float32's own rounding of the product's sum);
-    - more rows, or an input too long for int32 sums of digit products: blocks of `block` rows
-      of q converted to float32 (exact), float32 dots.
+    - up to CPU_DIGIT_ROWS rows of a [out, in] weight: x's int8 digits (`_int8_digit_product`),
+      an integer dot that reads q as it is stored (x to within 2^-(8 X_DIGITS - 2) of its
+      row's largest value, about float32's own rounding of the product's sum);
+    - more rows, a [in, out] weight (XLA's integer dot contracting its dim 0 measured slower
+      than the float32 blocks at 8 rows), or an input too long for int32 sums of digit
+      products: blocks of `block` rows of q converted to float32 (exact), float32 dots.
     """
     int32_safe = q.shape[in_axis] * 128 * INT8_MAX < 2 ** 31
-    if x.shape[0] <= CPU_DIGIT_ROWS and int32_safe:
+    if in_axis == 1 and x.shape[0] <= CPU_DIGIT_ROWS and int32_safe:
         y = _int8_digit_product(x, q, in_axis)
     else:
         y = _blocked_product(x, q, in_axis, lambda q_block: q_block.astype(jnp.float32), block)
