@@ -243,12 +243,13 @@ def _quantized_product(x: jax.Array, q: jax.Array, scale: jax.Array, w_in_axis: 
 def _int8_digits(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """float32 x [rows, in] -> (digits int8 [X_DIGITS, rows, in], step [rows, 1] float32) with
     x = step * sum_k digits[k] * 256^k to within step / 2: each row in fixed point, its step the
-    power of two at which the row's largest |x| is at most 2^(8 X_DIGITS - 2) steps (so x / step
-    is exact), split into base-256 digits in [-128, 127] (the last in [-64, 64]).
+    power of two at which the row's largest |x| is at least 2^(8 X_DIGITS - 3) steps and under
+    2^(8 X_DIGITS - 2) (so x / step is exact), split into base-256 digits in [-128, 127] (the
+    last in [-64, 64]).
     A row with a NaN or an infinity gets a NaN step, so the product's row is NaN."""
     bits = 8 * X_DIGITS - 2
     peak = jnp.max(jnp.abs(x), axis=1, keepdims=True)  # [rows, 1]
-    _, exponent = jnp.frexp(peak)  # peak <= 2^exponent
+    _, exponent = jnp.frexp(peak)  # 2^(exponent - 1) <= peak < 2^exponent
     step = jnp.where(jnp.isfinite(peak), jnp.ldexp(jnp.ones_like(peak), exponent - bits), jnp.nan)  # [rows, 1]
     fixed = jnp.round(jnp.nan_to_num(x / step)).astype(jnp.int32)  # [rows, in], |fixed| <= 2^bits
     digits = []

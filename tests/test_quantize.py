@@ -119,17 +119,18 @@ def test_int8_digits_rebuild_each_row_within_half_a_step():
     x = np.random.default_rng(11).standard_normal((4, IN)).astype(np.float32)
     x[1] *= 1e4  # rows of different sizes, a zero row, and a row with one large value
     x[2] = 0.0
-    x[3, 5] = 300.0
+    x[3, 5] = 256.0  # a power of two: exactly 2^(8 digits - 3) steps
     digits, step = Q._int8_digits(jnp.asarray(x))
     assert digits.dtype == jnp.int8 and digits.shape == (Q.X_DIGITS, 4, IN) and step.shape == (4, 1)
     rebuilt = sum(np.asarray(digits[k]).astype(np.float64) * 256.0 ** k for k in range(Q.X_DIGITS))
     step = np.asarray(step).astype(np.float64)
     assert (np.abs(rebuilt * step - x) <= step / 2).all()
-    # a power of two, the smallest at which the row's largest value is at most 2^(8 digits - 2) steps
+    # a power of two at which the row's largest value is 2^(8 digits - 3) steps or more, under 2^(8 digits - 2)
     steps_at_peak = np.abs(x[[0, 1, 3]]).max(axis=1) / step[[0, 1, 3], 0]  # the nonzero rows
     assert (np.log2(step) == np.round(np.log2(step))).all()
     bits = 8 * Q.X_DIGITS - 2
-    assert ((steps_at_peak <= 2.0 ** bits) & (steps_at_peak > 2.0 ** (bits - 1))).all()
+    assert ((steps_at_peak < 2.0 ** bits) & (steps_at_peak >= 2.0 ** (bits - 1))).all()
+    assert steps_at_peak[2] == 2.0 ** (bits - 1)
     assert (np.asarray(digits[-1]) != 0).any()  # the top digit carries the largest values
 
 
