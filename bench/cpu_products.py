@@ -12,14 +12,21 @@ offers here, and transformers' own (torch.nn.functional.linear in bfloat16, [out
   bf16 pad8 [out,in]        the WEIGHT layout's product (the same, contracting the weight's dim 1)
   convert+f32 [in,out]      the weight converted to float32 inside the program, then a float32 dot
   multiply-reduce [out,in]  x * W summed over `in`, the convert fused into the reduction
-  int8 blocked [out,in]     quantize.int8_product: int8 per output channel, dequantized 64 channels at a time
-  int4 blocked [out,in]     quantize.int4_product: packed int4, groups of 128, the same blocking
+  int8 product [out,in]     quantize.int8_product: int8 per output channel, scaled after its dots
+                            (the formulation it picks for the row count: x's int8 digits in an
+                            integer dot up to 8 rows, float32 blocks of 64 channels beyond)
+  int8 digits               its integer-dot formulation at every row count
+  int8 f32 blocks           its float32-block formulation at every row count
+  int4 blocked [out,in]     quantize.int4_product: packed int4, groups of 128, dequantized 64 channels at a time
   int8 multiply-reduce      the int8 weight's convert fused into a multiply-reduce over [out, in]
+  int8 multiply-reduce pad8 the same on rows padded to 8
   torch bf16 [out,in]       what transformers runs (oneDNN; AMX where the processor has it)
 
-Medians of --repeats calls, each compiled beforehand. For each: ms, the bytes of the weight
-as that product stores it (bfloat16, float32, int8 or packed int4, with scales) per second, that as a fraction of the machine's bandwidth measured in the same run (a large numpy
-copy, read and write counted: see bench/decode.py), and the time over torch's.
+Medians of --repeats calls, each compiled beforehand, the formulations taking turns. For
+each: ms, the bytes of the weight as that product stores it (bfloat16, float32, int8 or
+packed int4, with scales) per second, that as a fraction of the machine's bandwidth measured
+in the same run (a large numpy copy, read and write counted: see bench/decode.py), and the
+time over float32's and over torch's.
 """
 
 from __future__ import annotations
@@ -43,14 +50,19 @@ from bluelm_jax import quantize as Q  # noqa: E402
 from bluelm_jax.model import _bf16_weight_matmul  # noqa: E402
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
+def interleaved_medians_ms(calls: dict, repeats: int) -> dict:
+    """name -> the median ms of `repeats` calls of calls[name](), each called once beforehand.
+    The calls take turns (one of each per round), so load from other work on this shared
+    machine falls on all of them alike."""
+    for call in calls.values():
+        call()
+    times = {name: [] for name in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(seconds) for name, seconds in times.items()}
 
 
 def jax_formulations(w_in_out: jax.Array, w_out_in: jax.Array) -> dict:
@@ -70,14 +82,27 @@ def jax_formulations(w_in_out: jax.Array, w_out_in: jax.Array) -> dict:
 
 
 def quantized_formulations(w_out_in: jax.Array) -> dict:
-    """The int8 and int4 products of bluelm_jax.quantize on the weight quantized [out, in]."""
+    """The int8 and int4 products of bluelm_jax.quantize on the weight quantized [out, in], and the
+    int8 product's formulations forced at every row count."""
     int8 = Q.quantize_int8(w_out_in, 1)  # (q [out, in] int8, scale [out])
     int4 = Q.quantize_int4(w_out_in, 1)  # (packed [out, in/2] int8, scale [in/128, out])
     multiply_reduce = lambda x, q, s: jnp.sum(x[:, None, :] * q.astype(jnp.float32), axis=-1) * s  # noqa: E731
+
+    def f32_blocks(x, q, s):
+        block = Q._block_size(q.shape[0], Q.OUT_BLOCK)
+        return Q._blocked_product(x, q, 1, lambda q_block: q_block.astype(jnp.float32), block) * s
+
+    def padded_multiply_reduce(x, q, s):
+        padding = -x.shape[0] % 8
+        return multiply_reduce(jnp.pad(x, ((0, padding), (0, 0))), q, s)[: x.shape[0]]
+
     return {
-        "int8 blocked [out,in]": (jax.jit(lambda x, q, s: Q.int8_product(x, q, s, 1)), int8),
+        "int8 product [out,in]": (jax.jit(lambda x, q, s: Q.int8_product(x, q, s, 1)), int8),
+        "int8 digits [out,in]": (jax.jit(lambda x, q, s: Q._int8_digit_product(x, q, 1) * s), int8),
+        "int8 f32 blocks [out,in]": (jax.jit(f32_blocks), int8),
         "int4 blocked [out,in]": (jax.jit(lambda x, q, s: Q.int4_product(x, q, s, 1)), int4),
         "int8 multiply-reduce [out,in]": (jax.jit(multiply_reduce), int8),
+        "int8 multiply-reduce pad8 [out,in]": (jax.jit(padded_multiply_reduce), int8),
     }
 
 
@@ -104,22 +129,24 @@ def main() -> None:
     print(f"weight [{n_in}, {n_out}] bfloat16 ({weight_bytes / 1e6:.0f} MB); copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}, "
           f"{os.cpu_count()} cores")
-    print("| rows | product | ms | GB/s of stored weight | of bandwidth | / torch |\n|---|---|---|---|---|---|")
+    print("| rows | product | ms | GB/s of stored weight | of bandwidth | / float32 | / torch |\n"
+          "|---|---|---|---|---|---|---|")
     formulations = jax_formulations(w_in_out, w_out_in)
     for rows in args.rows:
         x = rng.standard_normal((rows, n_in), np.float32)
         x_torch = torch.from_numpy(x).to(torch.bfloat16)
-        with torch.no_grad():
-            torch_ms = median_ms(lambda: torch.nn.functional.linear(x_torch, w_torch), args.repeats)
-        times = {name: median_ms(lambda: f(jnp.asarray(x), *(w if isinstance(w, tuple) else (w,))).block_until_ready(),
-                                 args.repeats)
+        x_jax = jnp.asarray(x)
+        calls = {name: (lambda f=f, w=w: f(x_jax, *(w if isinstance(w, tuple) else (w,))).block_until_ready())
                  for name, (f, w) in formulations.items()}
-        times["torch bf16 [out,in]"] = torch_ms
+        calls["torch bf16 [out,in]"] = lambda: torch.nn.functional.linear(x_torch, w_torch)
+        with torch.no_grad():
+            times = interleaved_medians_ms(calls, args.repeats)
+        torch_ms = times["torch bf16 [out,in]"]
         sizes = {name: stored_bytes(w) for name, (_, w) in formulations.items()}
         for name, ms in times.items():
             rate = sizes.get(name, weight_bytes) / (ms / 1e3)
-            print(f"| {rows} | {name} | {ms:.1f} | {rate / 1e9:.1f} | {rate / bandwidth:.2f} | {ms / torch_ms:.2f} |",
-                  flush=True)
+            print(f"| {rows} | {name} | {ms:.1f} | {rate / 1e9:.1f} | {rate / bandwidth:.2f} "
+                  f"| {ms / times['float32 [in,out]']:.2f} | {ms / torch_ms:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

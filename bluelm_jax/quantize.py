@@ -17,18 +17,36 @@ floating point (weight-only quantization); products return float32.
 
 Products (`int8_product`, `int4_product`). XLA on CPU does not fuse a dequantizing convert
 into its dot: dequantize-then-dot writes the whole float weight each step, and a
-multiply-reduce over [out, in] is slow at one row. On CPU the products therefore run
-blocked: a loop (`lax.map`) over blocks of OUT_BLOCK output channels of a [out, in] weight
-dequantizes one block (OUT_BLOCK x in float32, cache-sized) and multiplies it by x with a
-float32 dot, so no more than one block is ever at full precision. A [in, out] weight is
-walked over blocks of input rows instead (`lax.scan`, accumulating the float32 result).
-Measured for one [4096, 11008] weight at 1 / 8 / 32 rows on this project's 2-core machine
-while it was loaded by other work (noisy; medians of 7, `python -m bench.cpu_products`
-gives the side-by-side table): float32 dot 14.8 / 30.1 / 56.1 ms; int8 blocked [out, in]
-15.0 / 42.6 / 67.7 ms (block 64); int8 convert to bfloat16 then bfloat16 dot 148 / 190 ms;
-int8 multiply-reduce over [out, in] 743 / 40 ms (XLA's reduce is slow at one row); int4
-packed blocked 25 / 59 ms against int4 multiply-reduce 54 / 265 ms. On other backends
-(GPU, TPU), where XLA fuses the dequantization into the dot, the product is the plain
+multiply-reduce over [out, in] is slow at one row (XLA hands it to a library kernel that is
+fast at 8 rows only). On CPU:
+- int8 applies its per-channel scale after the dot (exact: the scale is constant along the
+  contraction), so the dot is by q's integers. Up to CPU_DIGIT_ROWS rows, x is written per
+  row in fixed point, X_DIGITS base-256 int8 digits on a power-of-two step (22 bits below the
+  row's largest value), and the digits times q are one int8 x int8 -> int32 dot that reads q
+  as stored and is exact; the digits' products are recombined in float32. This is not
+  activation quantization: x is kept to within 2^-22 of its row's largest value, errors the
+  size of float32's rounding of the sum (measured 2.8e-7 of the largest output at 1 row,
+  against 4.7e-7 for float32 blocks). More rows, where the integer dot's cost grows with
+  X_DIGITS times the rows, and a [in, out] weight take float32 blocks as int4 does (below),
+  blocks only converted.
+- int4 (and int8 beyond CPU_DIGIT_ROWS rows or [in, out]) runs blocked: a loop (`lax.map`)
+  over blocks of OUT_BLOCK output channels of a [out, in] weight dequantizes one block
+  (OUT_BLOCK x in float32, cache-sized) and multiplies it by x with a float32 dot, so no more
+  than one block is ever at full precision. A [in, out] weight is walked over blocks of input
+  rows instead (`lax.scan`, accumulating the float32 result); there the integer dot measured
+  0.7x the float32 blocks' time at 1 row but 1.45x at 8.
+Measured for one [4096, 11008] [out, in] weight on this project's 2-core machine, heavily
+loaded by other work (load average ~8: times are several times a quiet machine's, compare
+ratios), medians of 11 interleaved calls at 1 / 2 / 4 / 8 / 16 / 32 rows: float32 dot
+([in, out]) 19.2 / 40.2 / 68.1 / 95.0 / 124.5 / 198.6 ms; bfloat16 weight
+(model._bf16_weight_matmul) 1.55 / 0.89 / 0.57 / 0.48 / 0.44 / 0.64 of float32; int8 with
+the scale inside each dequantized block (this module before) 1.18 / 1.04 / 0.70 / 0.54 /
+0.47 / 0.41; int8 now 0.37 / 0.35 / 0.24 / 0.45 / 0.41 / 0.38 (the integer dot forced at 16
+and 32 rows: 0.56 / 0.78); int4 packed blocked 1.23 / 1.28 / 0.81 / 0.76 / 0.55 / 0.46.
+Converting int8 blocks to bfloat16 for a bfloat16 dot measured 2-3x slower than the integer
+dot, and XLA's own int8 -> bfloat16 convert several times slower than int8 -> float32.
+`python -m bench.cpu_products` gives the side-by-side table. On other backends (GPU, TPU),
+where XLA fuses the dequantization into the dot, the product is the plain
 dequantize-then-dot.
 """
 
@@ -47,6 +65,8 @@ INT8_MAX = 127
 INT4_MAX = 7  # symmetric: levels -7..7 (the nibble's -8 is never used)
 GROUP = 128  # int4 inputs per scale
 OUT_BLOCK = 64  # output channels dequantized at once by the CPU products (measured best of 32, 64, 128)
+X_DIGITS = 3  # int8 digits per activation in the CPU int8 product: 22 bits of fixed point per row
+CPU_DIGIT_ROWS = 8  # rows up to which the CPU int8 product multiplies x's digits (more: float32 blocks)
 
 
 # --------------------------------------------------------------------------- layout helpers
@@ -159,39 +179,41 @@ def _block_size(n: int, target: int) -> int:
     return max(d for d in range(1, min(n, target) + 1) if n % d == 0)
 
 
-def _blocked_product(x: jax.Array, q: jax.Array, scale: jax.Array, in_axis: int,
-                     dequantize: Callable[[jax.Array, jax.Array], jax.Array], block: int) -> jax.Array:
+def _blocked_product(x: jax.Array, q: jax.Array, in_axis: int, to_float: Callable[..., jax.Array], block: int,
+                     scale: jax.Array | None = None) -> jax.Array:
     """x [rows, in] times a quantized weight, one block at a time, float32 [rows, out].
 
-    `dequantize(q_block, scale_block)` turns one block of q (blocks along q's axis 0) and its
-    scales (blocks along scale's last axis for [out, in], axis 0 for [in, out]) into a float
-    block of the weight in q's layout. [out, in]: blocks of output channels, results
-    concatenated. [in, out]: blocks of input rows, results summed.
+    `to_float(q_block)`, or `to_float(q_block, scale_block)` when `scale` is given, turns one
+    block of q (blocks along q's axis 0) into a float block of the weight in q's layout; the
+    scales are blocked along their last axis for [out, in] and along axis 0 for [in, out].
+    [out, in]: blocks of output channels, results concatenated. [in, out]: blocks of input
+    rows, results summed. Each block's dot takes the block in x's dtype, with a float32 result.
     """
     n_blocks = q.shape[0] // block
     q_blocks = q.reshape(n_blocks, block, *q.shape[1:])
     if in_axis == 1:
-        scale_blocks = jnp.moveaxis(scale.reshape(*scale.shape[:-1], n_blocks, -1), -2, 0)  # [blocks, ..., block]
+        blocks = (q_blocks,) if scale is None else \
+            (q_blocks, jnp.moveaxis(scale.reshape(*scale.shape[:-1], n_blocks, -1), -2, 0))  # [blocks, ..., block]
 
         def out_block(args):
-            w = dequantize(*args).astype(x.dtype)  # [block, in]
+            w = to_float(*args).astype(x.dtype)  # [block, in]
             return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
-        y = jax.lax.map(out_block, (q_blocks, scale_blocks))  # [blocks, rows, block]
+        y = jax.lax.map(out_block, blocks)  # [blocks, rows, block]
         return jnp.moveaxis(y, 0, 1).reshape(x.shape[0], -1)  # [rows, out]
 
     x_blocks = jnp.moveaxis(x.reshape(x.shape[0], n_blocks, -1), 1, 0)  # [blocks, rows, in/blocks]
-    scale_blocks = scale.reshape(n_blocks, -1, *scale.shape[1:]) if scale.ndim >= 2 else \
-        jnp.broadcast_to(scale, (n_blocks, *scale.shape))
+    blocks = (x_blocks, q_blocks) if scale is None else \
+        (x_blocks, q_blocks, scale.reshape(n_blocks, -1, *scale.shape[1:]))
 
     def in_block(total, args):
-        x_block, q_block, scale_block = args
-        w = dequantize(q_block, scale_block).astype(x.dtype)  # [in/blocks, out]
+        x_block, *weight_block = args
+        w = to_float(*weight_block).astype(x.dtype)  # [in/blocks, out]
         return total + jax.lax.dot_general(x_block, w, (((1,), (0,)), ((), ())),
                                            preferred_element_type=jnp.float32), None
 
     total = jnp.zeros((x.shape[0], q.shape[1]), jnp.float32)
-    return jax.lax.scan(in_block, total, (x_blocks, q_blocks, scale_blocks))[0]
+    return jax.lax.scan(in_block, total, blocks)[0]
 
 
 def _flat_product(x: jax.Array, product: Callable[[jax.Array], jax.Array]) -> jax.Array:
@@ -205,29 +227,100 @@ def _compute_dtype(x: jax.Array):
     return x.dtype if x.dtype in (jnp.float32, jnp.bfloat16) else jnp.float32
 
 
+def _dequantize_then_dot(x: jax.Array, q: jax.Array, scale: jax.Array, w_in_axis: int,
+                         dequantize: Callable) -> jax.Array:
+    """x [..., in] times the whole weight dequantized in x's dtype: float32 [..., out] (accelerators)."""
+    dims = (((1,), (w_in_axis,)), ((), ()))
+    return _flat_product(x, lambda x2: jax.lax.dot_general(
+        x2, dequantize(q, scale, w_in_axis, x.dtype), dims, preferred_element_type=jnp.float32))
+
+
 def _quantized_product(x: jax.Array, q: jax.Array, scale: jax.Array, w_in_axis: int, dequantize: Callable,
                        rows_per_block: int) -> jax.Array:
     """x [..., in] times a quantized weight q with its scales: float32 [..., out].
     dequantize(q, scale, in_axis, dtype): the float weight, whole or one block of q's axis 0 with its
-    scales. On CPU blocked (`_blocked_product`, `rows_per_block` rows of q at a time), elsewhere
-    dequantize-then-dot."""
+    scales. On CPU blocked (`_blocked_product`, `rows_per_block` rows of q at a time, each block
+    dequantized with its scales), elsewhere dequantize-then-dot."""
     x = x.astype(_compute_dtype(x))
     if jax.default_backend() != "cpu":
-        dims = (((1,), (w_in_axis,)), ((), ()))
-        return _flat_product(x, lambda x2: jax.lax.dot_general(
-            x2, dequantize(q, scale, w_in_axis, x.dtype), dims, preferred_element_type=jnp.float32))
+        return _dequantize_then_dot(x, q, scale, w_in_axis, dequantize)
     block_dequantize = lambda q_block, s_block: dequantize(q_block, s_block, w_in_axis)  # noqa: E731
-    return _flat_product(x, lambda x2: _blocked_product(x2, q, scale, w_in_axis, block_dequantize, rows_per_block))
+    return _flat_product(x, lambda x2: _blocked_product(x2, q, w_in_axis, block_dequantize, rows_per_block, scale))
+
+
+# --------------------------------------------------------------------------- int8 products on CPU
+
+
+def _int8_digits(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float32 x [rows, in] -> (digits int8 [X_DIGITS, rows, in], step [rows, 1] float32) with
+    x = step * sum_k digits[k] * 256^k to within step / 2: each row in fixed point, its step the
+    power of two at which the row's largest |x| is at least 2^(8 X_DIGITS - 3) steps and under
+    2^(8 X_DIGITS - 2) (so x / step is exact), split into base-256 digits in [-128, 127] (the
+    last in [-64, 64]).
+    A row with a NaN or an infinity gets a NaN step, so the product's row is NaN."""
+    bits = 8 * X_DIGITS - 2
+    peak = jnp.max(jnp.abs(x), axis=1, keepdims=True)  # [rows, 1]
+    _, exponent = jnp.frexp(peak)  # 2^(exponent - 1) <= peak < 2^exponent
+    step = jnp.where(jnp.isfinite(peak), jnp.ldexp(jnp.ones_like(peak), exponent - bits), jnp.nan)  # [rows, 1]
+    fixed = jnp.round(jnp.nan_to_num(x / step)).astype(jnp.int32)  # [rows, in], |fixed| <= 2^bits
+    digits = []
+    for _ in range(X_DIGITS - 1):
+        digit = ((fixed + 128) & 255) - 128  # [rows, in] in [-128, 127]
+        digits.append(digit)
+        fixed = (fixed - digit) >> 8  # exact: fixed - digit is a multiple of 256
+    digits.append(fixed)
+    return jnp.stack(digits).astype(jnp.int8), step
+
+
+def _int8_digit_product(x: jax.Array, q: jax.Array, in_axis: int) -> jax.Array:
+    """float32 x [rows, in] times the integers of q (unscaled): float32 [rows, out]. x's int8 digits
+    (`_int8_digits`) times q in one int8 x int8 -> int32 dot (exact), the digits' products
+    recombined in float32 and scaled by each row's step."""
+    digits, step = _int8_digits(x)  # [X_DIGITS, rows, in], [rows, 1]
+    rows = x.shape[0]
+    dims = (((1,), (in_axis,)), ((), ()))
+    partial = jax.lax.dot_general(digits.reshape(X_DIGITS * rows, -1), q, dims, preferred_element_type=jnp.int32)
+    partial = partial.astype(jnp.float32).reshape(X_DIGITS, rows, -1)  # [X_DIGITS, rows, out]
+    total = partial[-1]
+    for k in reversed(range(X_DIGITS - 1)):
+        total = total * 256.0 + partial[k]
+    return total * step  # [rows, out]
+
+
+def _int8_cpu_product(x: jax.Array, q: jax.Array, scale: jax.Array, in_axis: int, block: int) -> jax.Array:
+    """float32 x [rows, in] times the int8 weight on CPU: float32 [rows, out].
+
+    The dots multiply by the integers of q, and the per-channel scale multiplies their result
+    (exact: the scale is constant along the contraction):
+    - up to CPU_DIGIT_ROWS rows of a [out, in] weight: x's int8 digits (`_int8_digit_product`),
+      an integer dot that reads q as it is stored (x to within 2^-(8 X_DIGITS - 2) of its
+      row's largest value, about float32's own rounding of the product's sum);
+    - more rows, a [in, out] weight (XLA's integer dot contracting its dim 0 measured slower
+      than the float32 blocks at 8 rows), or an input too long for int32 sums of digit
+      products: blocks of `block` rows of q converted to float32 (exact), float32 dots.
+    """
+    int32_safe = q.shape[in_axis] * 128 * INT8_MAX < 2 ** 31
+    if in_axis == 1 and x.shape[0] <= CPU_DIGIT_ROWS and int32_safe:
+        y = _int8_digit_product(x, q, in_axis)
+    else:
+        y = _blocked_product(x, q, in_axis, lambda q_block: q_block.astype(jnp.float32), block)
+    return y * scale  # [rows, out]
 
 
 def int8_product(x: jax.Array, q: jax.Array, scale: jax.Array, w_in_axis: int,
                  block: int = OUT_BLOCK) -> jax.Array:
     """x [..., in] (float32 or bfloat16) times the int8 weight (q [in, out] or [out, in], scale [out]):
-    float32 [..., out]. Blocked on CPU (module docstring), dequantize-then-dot elsewhere."""
+    float32 [..., out]. On CPU (`_int8_cpu_product`) x in float32 (a bfloat16 x exactly) and the
+    scale applied after integer or blocked float32 dots, `block` output channels (input rows
+    for [in, out], 4 times as many) at a time; dequantize-then-dot elsewhere."""
     _out_axis(w_in_axis)
-    # [in, out]: a block of input rows scales by every output channel, so its blocks are longer
+    x = x.astype(_compute_dtype(x))
+    if jax.default_backend() != "cpu":
+        return _dequantize_then_dot(x, q, scale, w_in_axis, dequantize_int8)
+    # [in, out]: a block of input rows reaches every output channel, so its blocks are longer
     rows_per_block = _block_size(q.shape[0], block if w_in_axis == 1 else block * 4)
-    return _quantized_product(x, q, scale, w_in_axis, dequantize_int8, rows_per_block)
+    return _flat_product(x.astype(jnp.float32),
+                         lambda x2: _int8_cpu_product(x2, q, scale, w_in_axis, rows_per_block))
 
 
 def int4_product(x: jax.Array, packed: jax.Array, scale: jax.Array, w_in_axis: int,

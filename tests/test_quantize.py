@@ -96,3 +96,47 @@ def test_products_equal_x_times_the_dequantized_weight(kind, lead, in_axis):
 def test_quantized_bytes():
     assert Q.quantized_bytes((4096, 11008), "int8") == 4096 * 11008 + 4 * 11008
     assert Q.quantized_bytes((4096, 11008), "int4") == 4096 * 11008 // 2 + 4 * 32 * 11008
+
+
+@pytest.mark.parametrize("in_axis", [0, 1])
+@pytest.mark.parametrize("rows", [1, 3, 8, 33])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_int8_product_has_float32_accuracy_at_every_row_count(dtype, rows, in_axis):
+    """Each row count's formulation (x's int8 digits up to 8 rows, float32 blocks beyond) equals
+    x @ dequantize(q) to float32 accuracy: neither x nor the weight is rounded to 8 bits."""
+    w = weight(7, in_axis)
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((rows, IN)), dtype)
+    q, scale = Q.quantize_int8(w, in_axis)
+    dense = np.asarray(Q.dequantize_int8(q, scale, in_axis)).astype(np.float64)
+    x64 = np.asarray(x.astype(jnp.float32)).astype(np.float64)
+    expected = x64 @ (dense if in_axis == 0 else dense.T)  # [rows, out]
+    y = Q.int8_product(x, q, scale, in_axis, block=4)  # several float32 blocks
+    assert y.dtype == jnp.float32 and y.shape == (rows, OUT)
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=2e-5)
+
+
+def test_int8_digits_rebuild_each_row_within_half_a_step():
+    x = np.random.default_rng(11).standard_normal((4, IN)).astype(np.float32)
+    x[1] *= 1e4  # rows of different sizes, a zero row, and a row with one large value
+    x[2] = 0.0
+    x[3, 5] = 256.0  # a power of two: exactly 2^(8 digits - 3) steps
+    digits, step = Q._int8_digits(jnp.asarray(x))
+    assert digits.dtype == jnp.int8 and digits.shape == (Q.X_DIGITS, 4, IN) and step.shape == (4, 1)
+    rebuilt = sum(np.asarray(digits[k]).astype(np.float64) * 256.0 ** k for k in range(Q.X_DIGITS))
+    step = np.asarray(step).astype(np.float64)
+    assert (np.abs(rebuilt * step - x) <= step / 2).all()
+    # a power of two at which the row's largest value is 2^(8 digits - 3) steps or more, under 2^(8 digits - 2)
+    steps_at_peak = np.abs(x[[0, 1, 3]]).max(axis=1) / step[[0, 1, 3], 0]  # the nonzero rows
+    assert (np.log2(step) == np.round(np.log2(step))).all()
+    bits = 8 * Q.X_DIGITS - 2
+    assert ((steps_at_peak < 2.0 ** bits) & (steps_at_peak >= 2.0 ** (bits - 1))).all()
+    assert steps_at_peak[2] == 2.0 ** (bits - 1)
+    assert (np.asarray(digits[-1]) != 0).any()  # the top digit carries the largest values
+
+
+def test_int8_product_of_a_nan_row_is_nan():
+    q, scale = Q.quantize_int8(weight(12, 1), 1)
+    x = np.random.default_rng(13).standard_normal((2, IN)).astype(np.float32)
+    x[1, 3] = np.nan
+    y = np.asarray(Q.int8_product(x, q, scale, 1))
+    assert np.isfinite(y[0]).all() and np.isnan(y[1]).all()
