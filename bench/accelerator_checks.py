@@ -13,11 +13,12 @@ once on an accelerator host next to bench/accelerator.py:
   2. int8 KV cache: a 600-token prompt prefilled in chunks of 256, then 8 decode steps, int8 cache
      against the compute-dtype cache: the max logit difference is reported (the CPU test holds
      it to 0.01 at 4K).
-  3. products: one projection [out 11008, in 4096] (BlueLM-7B's up_proj) at 1 and 16 rows,
-     bfloat16 compute: a bfloat16 weight; int8 and int4 through the library (dequantize then
-     dot); int8 as convert, dot, then the scale (the scale is per output channel, so it can
-     follow the dot). Median microseconds and the weight bytes / time as a fraction of the
-     device's copy bandwidth (bench/accelerator.py's measure).
+  3. products: one projection [out 11008, in 4096] (BlueLM-7B's up_proj) at 1, 4 and 16 rows,
+     bfloat16 compute, over `--layers` stacked weights walked by one compiled scan (as a decode
+     step walks its layers, so Python's dispatch is amortized): a bfloat16 weight, and each
+     formulation of int8 and int4 (`formulations`: dequantize then dot, convert-dot-scale,
+     multiply-reduce, and what the library picks). Median ms per product and the weight bytes
+     read per second as a fraction of the device's copy bandwidth (bench/accelerator.py's measure).
 
 `--shape tiny` shrinks the product to [256, 128] so that the test suite runs the script on CPU.
 """
@@ -36,7 +37,6 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from bench.accelerator import copy_bandwidth  # noqa: E402
 from bluelm_jax import params as P  # noqa: E402
@@ -129,46 +129,67 @@ def int8_cache(config: BlueLMConfig = TINY, prompt: int = 600, chunk: int = 256,
             "logit scale (std)": float(jnp.std(reference[-1])), "compute": jnp.dtype(compute).name}
 
 
-def _median_us(fn, *args, repeats: int) -> float:
+def _median_ms(fn, *args, repeats: int) -> float:
     fn(*args).block_until_ready()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn(*args).block_until_ready()
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    return statistics.median(times) * 1e3
 
 
-def products(shape: tuple[int, int], repeats: int, bandwidth: float) -> dict:
-    """Median µs and bandwidth fraction of each formulation of one [out, in] product."""
-    n_out, n_in = shape
-    w = 0.02 * jax.random.normal(jax.random.key(3), (n_out, n_in), jnp.float32)
-    q8, s8 = Q.quantize_int8(w, 1)
-    group = min(P.INT4_GROUP, n_in)
-    q4, s4 = Q.quantize_int4(w, 1, group)
-    wb = w.astype(jnp.bfloat16)
+def formulations() -> dict:
+    """name -> (product(x, *weights) -> float32 [rows, out], which weights: "bf16", "int8" or "int4")."""
     dims = (((1,), (1,)), ((), ()))
-    forms = {
-        "bf16 weight": (lambda x, w: jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32), (wb,),
-                        wb.nbytes),
-        "int8 library": (lambda x, q, s: Q.int8_product(x, q, s, 1), (q8, s8), q8.nbytes + s8.nbytes),
+    return {
+        "bf16 dot": (lambda x, w: jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32), "bf16"),
+        "int8 dequantize-then-dot": (lambda x, q, s: Q._dequantize_then_dot(x, q, s, 1, Q.dequantize_int8), "int8"),
         "int8 convert-dot-scale": (lambda x, q, s: jax.lax.dot_general(
-            x, q.astype(x.dtype), dims, preferred_element_type=jnp.float32) * s, (q8, s8), q8.nbytes + s8.nbytes),
-        "int4 library": (lambda x, q, s: Q.int4_product(x, q, s, 1), (q4, s4), q4.nbytes + s4.nbytes),
+            x, q.astype(x.dtype), dims, preferred_element_type=jnp.float32) * s, "int8"),
+        "int8 multiply-reduce": (lambda x, q, s: jnp.sum(
+            x.astype(jnp.float32)[:, None, :] * q.astype(jnp.float32)[None], axis=-1) * s, "int8"),
+        "int8 library": (lambda x, q, s: Q.int8_product(x, q, s, 1), "int8"),
+        "int4 dequantize-then-dot": (lambda x, q, s: Q._dequantize_then_dot(x, q, s, 1, Q.dequantize_int4), "int4"),
+        "int4 multiply-reduce": (lambda x, q, s: Q._int4_accelerator_reduce(x, q, s, None), "int4"),
+        "int4 library": (lambda x, q, s: Q.int4_product(x, q, s, 1), "int4"),
     }
+
+
+def products(shape: tuple[int, int], layers: int, repeats: int, bandwidth: float) -> dict:
+    """Each formulation of a [out, in] product over `layers` stacked weights (a lax.scan, so one
+    call amortizes the dispatch as a decode step does): ms per product and the weight bytes read
+    per second as a fraction of the copy bandwidth."""
+    n_out, n_in = shape
+    w = 0.02 * jax.random.normal(jax.random.key(3), (layers, n_out, n_in), jnp.float32)
+    group = min(P.INT4_GROUP, n_in)
+    weights = {"bf16": (w.astype(jnp.bfloat16),),
+               "int8": jax.vmap(lambda w: Q.quantize_int8(w, 1))(w),
+               "int4": jax.vmap(lambda w: Q.quantize_int4(w, 1, group))(w)}
+    del w
     table = {}
-    for rows in (1, 16):
+    for rows in (1, 4, 16):
         x = jax.random.normal(jax.random.key(4), (rows, n_in), jnp.bfloat16)
-        for name, (fn, args, nbytes) in forms.items():
-            us = _median_us(jax.jit(fn), x, *args, repeats=repeats)
-            table[f"{name}, {rows} rows"] = {"us": us, "bandwidth fraction": nbytes / (us * 1e-6) / bandwidth}
+        for name, (product, kind) in formulations().items():
+            stacked = weights[kind]
+
+            def over_layers(x, stacked, product=product):
+                return jax.lax.scan(lambda carry, w: (carry, product(carry, *w)), x, stacked)[1]
+
+            ms = _median_ms(jax.jit(over_layers), x, stacked, repeats=repeats) / layers
+            nbytes = sum(a.nbytes for a in stacked) / layers
+            table[f"{name}, {rows} rows"] = {"ms": round(ms, 4),
+                                             "bandwidth fraction": round(nbytes / (ms * 1e-3) / bandwidth, 3)}
+            print(f"  {name}, {rows} rows: {ms:.4f} ms, {table[f'{name}, {rows} rows']['bandwidth fraction']}",
+                  flush=True)
     return table
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=tuple(PRODUCT_SHAPES), default="7b")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--layers", type=int, default=16, help="stacked weights each timed call walks")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     print(f"devices: {jax.devices()}", flush=True)
@@ -182,7 +203,7 @@ def main(argv=None) -> int:
     try:
         bandwidth = copy_bandwidth(256 * 1024 * 1024 if args.shape == "7b" else 4 * 1024 * 1024)
         found["copy bandwidth GB/s"] = bandwidth / 1e9
-        found["products"] = products(PRODUCT_SHAPES[args.shape], args.repeats, bandwidth)
+        found["products"] = products(PRODUCT_SHAPES[args.shape], args.layers, args.repeats, bandwidth)
     except Exception as e:  # noqa: BLE001
         found["products"] = {"error": f"{type(e).__name__}: {e}"[:500]}
     print(f"products: {json.dumps(found['products'], indent=1)}", flush=True)

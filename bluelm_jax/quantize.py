@@ -64,6 +64,9 @@ from bluelm_jax import params as P
 INT8_MAX = 127
 INT4_MAX = 7  # symmetric: levels -7..7 (the nibble's -8 is never used)
 GROUP = 128  # int4 inputs per scale
+# Up to this many rows, products off the CPU are multiply-reduces that read the integers once
+# (measured on an H200 by bench/accelerator_checks.py; dequantize-then-dot wrote the float weight)
+ACCELERATOR_REDUCE_ROWS = 4
 OUT_BLOCK = 64  # output channels dequantized at once by the CPU products (measured best of 32, 64, 128)
 X_DIGITS = 3  # int8 digits per activation in the CPU int8 product: 22 bits of fixed point per row
 CPU_DIGIT_ROWS = 8  # rows up to which the CPU int8 product multiplies x's digits (more: float32 blocks)
@@ -235,6 +238,39 @@ def _dequantize_then_dot(x: jax.Array, q: jax.Array, scale: jax.Array, w_in_axis
         x2, dequantize(q, scale, w_in_axis, x.dtype), dims, preferred_element_type=jnp.float32))
 
 
+def _int8_accelerator_product(x: jax.Array, q: jax.Array, scale: jax.Array, in_axis: int) -> jax.Array:
+    """x [rows, in] times the int8 weight off the CPU: float32 [rows, out]. Up to
+    ACCELERATOR_REDUCE_ROWS rows of a [out, in] weight, a multiply-reduce (one fusion that
+    reads q once as int8); otherwise q converted to x's dtype (exact) in the dot. The scale
+    follows either (it is constant along the contraction)."""
+    if in_axis == 1 and x.shape[0] <= ACCELERATOR_REDUCE_ROWS:
+        y = jnp.sum(x.astype(jnp.float32)[:, None, :] * q.astype(jnp.float32)[None], axis=-1)  # [rows, out]
+    else:
+        y = jax.lax.dot_general(x, q.astype(x.dtype), (((1,), (in_axis,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+    return y * scale
+
+
+def _int4_accelerator_reduce(x: jax.Array, packed: jax.Array, scale: jax.Array,
+                             offset: jax.Array | None) -> jax.Array:
+    """x [rows, in] times the packed int4 weight [out, in/2] as a multiply-reduce: float32 [rows, out].
+    Each group's low nibbles multiply the group's first half of x and its high nibbles the
+    second (pack_int4's order), so nothing is unpacked into a new array; the per-group sums are
+    scaled, and the offsets add sum(x over the group) * offset."""
+    groups = scale.shape[0]
+    half = packed.shape[1] // groups
+    nibbles = packed.reshape(packed.shape[0], groups, half)  # [out, groups, group/2]
+    low = jnp.right_shift(jnp.left_shift(nibbles, 4), 4).astype(jnp.float32)
+    high = jnp.right_shift(nibbles, 4).astype(jnp.float32)
+    xg = x.astype(jnp.float32).reshape(x.shape[0], groups, 2 * half)  # [rows, groups, group]
+    per_group = (jnp.sum(xg[:, None, :, :half] * low[None], axis=-1)
+                 + jnp.sum(xg[:, None, :, half:] * high[None], axis=-1))  # [rows, out, groups]
+    y = jnp.sum(per_group * scale.T[None], axis=-1)  # [rows, out]
+    if offset is not None:
+        y = y + jnp.sum(xg, axis=-1) @ offset  # [rows, groups] @ [groups, out]
+    return y
+
+
 def _quantized_product(x: jax.Array, q: jax.Array, scale: jax.Array, w_in_axis: int, dequantize: Callable,
                        rows_per_block: int) -> jax.Array:
     """x [..., in] times a quantized weight q with its scales: float32 [..., out].
@@ -316,7 +352,7 @@ def int8_product(x: jax.Array, q: jax.Array, scale: jax.Array, w_in_axis: int,
     _out_axis(w_in_axis)
     x = x.astype(_compute_dtype(x))
     if jax.default_backend() != "cpu":
-        return _dequantize_then_dot(x, q, scale, w_in_axis, dequantize_int8)
+        return _flat_product(x, lambda x2: _int8_accelerator_product(x2, q, scale, w_in_axis))
     # [in, out]: a block of input rows reaches every output channel, so its blocks are longer
     rows_per_block = _block_size(q.shape[0], block if w_in_axis == 1 else block * 4)
     return _flat_product(x.astype(jnp.float32),
@@ -330,6 +366,9 @@ def int4_product(x: jax.Array, packed: jax.Array, scale: jax.Array, w_in_axis: i
     as `int8_product`; a [in, out] weight is walked one group of input rows (group/2 packed rows)
     at a time."""
     _out_axis(w_in_axis)
+    rows = math.prod(x.shape[:-1])
+    if jax.default_backend() != "cpu" and w_in_axis == 1 and rows <= ACCELERATOR_REDUCE_ROWS:
+        return _flat_product(x, lambda x2: _int4_accelerator_reduce(x2, packed, scale, offset))
     group = 2 * packed.shape[w_in_axis] // scale.shape[0]
     # [in, out]: one group per block, so scale [groups, out] splits into [1, out] per block
     rows_per_block = _block_size(packed.shape[0], block) if w_in_axis == 1 else group // 2

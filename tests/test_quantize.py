@@ -1,6 +1,7 @@
 """bluelm_jax.quantize: int8 and group-wise int4 round trips, zero channels, and the products
 against x @ dequantize(...) in both layouts, on tiny shapes."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -140,3 +141,20 @@ def test_int8_product_of_a_nan_row_is_nan():
     x[1, 3] = np.nan
     y = np.asarray(Q.int8_product(x, q, scale, 1))
     assert np.isfinite(y[0]).all() and np.isnan(y[1]).all()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_accelerator_products_equal_dequantize_then_dot(rows):
+    """The products used off the CPU (multiply-reduces up to ACCELERATOR_REDUCE_ROWS rows, else
+    converted dots), run here on CPU: equal to dequantizing the weight and multiplying."""
+    key_w, key_x, key_o = jax.random.split(jax.random.key(7), 3)
+    w = 0.05 * jax.random.normal(key_w, (96, 256), jnp.float32)  # [out, in]
+    x = jax.random.normal(key_x, (rows, 256), jnp.float32)
+    q8, s8 = Q.quantize_int8(w, 1)
+    expected = x @ Q.dequantize_int8(q8, s8, 1).T
+    np.testing.assert_allclose(Q._int8_accelerator_product(x, q8, s8, 1), expected, rtol=1e-5, atol=1e-5)
+    q4, s4 = Q.quantize_int4(w, 1, 64)
+    offset = 0.01 * jax.random.normal(key_o, s4.shape, jnp.float32)
+    for off in (None, offset):
+        expected = x @ Q.dequantize_int4(q4, s4, 1, jnp.float32, off).T
+        np.testing.assert_allclose(Q._int4_accelerator_reduce(x, q4, s4, off), expected, rtol=1e-5, atol=1e-5)
