@@ -45,9 +45,14 @@ the scale inside each dequantized block (this module before) 1.18 / 1.04 / 0.70 
 and 32 rows: 0.56 / 0.78); int4 packed blocked 1.23 / 1.28 / 0.81 / 0.76 / 0.55 / 0.46.
 Converting int8 blocks to bfloat16 for a bfloat16 dot measured 2-3x slower than the integer
 dot, and XLA's own int8 -> bfloat16 convert several times slower than int8 -> float32.
-`python -m bench.cpu_products` gives the side-by-side table. On other backends (GPU, TPU),
-where XLA fuses the dequantization into the dot, the product is the plain
-dequantize-then-dot.
+`python -m bench.cpu_products` gives the side-by-side table.
+
+Off the CPU (GPU, TPU) XLA did not fuse a dequantizing multiply into its dot either (on an
+H200, dequantize-then-dot read int8 weights at 0.16 of the copy bandwidth, against 0.36 for a
+bfloat16 dot). There, up to ACCELERATOR_REDUCE_ROWS rows (decode at batch 1) a product is a
+multiply-reduce, one fusion that reads the integers once (`_int8_accelerator_product`,
+`_int4_accelerator_reduce`); more rows convert int8 to x's dtype inside the dot and scale
+after it, and int4 dequantizes then dots. bench/accelerator_checks.py times each formulation.
 """
 
 from __future__ import annotations
@@ -64,9 +69,12 @@ from bluelm_jax import params as P
 INT8_MAX = 127
 INT4_MAX = 7  # symmetric: levels -7..7 (the nibble's -8 is never used)
 GROUP = 128  # int4 inputs per scale
-# Up to this many rows, products off the CPU are multiply-reduces that read the integers once
-# (measured on an H200 by bench/accelerator_checks.py; dequantize-then-dot wrote the float weight)
-ACCELERATOR_REDUCE_ROWS = 4
+# Up to this many rows, products off the CPU are multiply-reduces that read the integers once.
+# bench/accelerator_checks.py on an H200, one [11008, 4096] weight, fraction of the copy
+# bandwidth: 1 row: int8 multiply-reduce 0.71, convert-dot-scale 0.28, dequantize-then-dot 0.16,
+# bf16 dot 0.36; int4 multiply-reduce 0.17-0.23, dequantize-then-dot 0.10. 4 rows: int8 reduce
+# 0.27 against convert-dot-scale 0.42; int4 reduce 0.08 against dequantize-then-dot 0.15.
+ACCELERATOR_REDUCE_ROWS = 1
 OUT_BLOCK = 64  # output channels dequantized at once by the CPU products (measured best of 32, 64, 128)
 X_DIGITS = 3  # int8 digits per activation in the CPU int8 product: 22 bits of fixed point per row
 CPU_DIGIT_ROWS = 8  # rows up to which the CPU int8 product multiplies x's digits (more: float32 blocks)
@@ -276,7 +284,8 @@ def _quantized_product(x: jax.Array, q: jax.Array, scale: jax.Array, w_in_axis: 
     """x [..., in] times a quantized weight q with its scales: float32 [..., out].
     dequantize(q, scale, in_axis, dtype): the float weight, whole or one block of q's axis 0 with its
     scales. On CPU blocked (`_blocked_product`, `rows_per_block` rows of q at a time, each block
-    dequantized with its scales), elsewhere dequantize-then-dot."""
+    dequantized with its scales), elsewhere dequantize-then-dot (int4 of more than
+    ACCELERATOR_REDUCE_ROWS rows)."""
     x = x.astype(_compute_dtype(x))
     if jax.default_backend() != "cpu":
         return _dequantize_then_dot(x, q, scale, w_in_axis, dequantize)
@@ -348,7 +357,7 @@ def int8_product(x: jax.Array, q: jax.Array, scale: jax.Array, w_in_axis: int,
     """x [..., in] (float32 or bfloat16) times the int8 weight (q [in, out] or [out, in], scale [out]):
     float32 [..., out]. On CPU (`_int8_cpu_product`) x in float32 (a bfloat16 x exactly) and the
     scale applied after integer or blocked float32 dots, `block` output channels (input rows
-    for [in, out], 4 times as many) at a time; dequantize-then-dot elsewhere."""
+    for [in, out], 4 times as many) at a time; elsewhere `_int8_accelerator_product`."""
     _out_axis(w_in_axis)
     x = x.astype(_compute_dtype(x))
     if jax.default_backend() != "cpu":
@@ -364,7 +373,8 @@ def int4_product(x: jax.Array, packed: jax.Array, scale: jax.Array, w_in_axis: i
     """x [..., in] (float32 or bfloat16) times the packed int4 weight (packed [in/2, out] or
     [out, in/2], scale and optional offset [in / group, out]): float32 [..., out]. Blocked on CPU,
     as `int8_product`; a [in, out] weight is walked one group of input rows (group/2 packed rows)
-    at a time."""
+    at a time. Off the CPU, a multiply-reduce up to ACCELERATOR_REDUCE_ROWS rows of a [out, in/2]
+    weight (`_int4_accelerator_reduce`), else dequantize-then-dot."""
     _out_axis(w_in_axis)
     rows = math.prod(x.shape[:-1])
     if jax.default_backend() != "cpu" and w_in_axis == 1 and rows <= ACCELERATOR_REDUCE_ROWS:
