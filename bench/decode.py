@@ -2,6 +2,7 @@
 
     python bench/decode.py [--shapes small medium] [--batches 1 8] [--new-tokens 64] [--repeats 3]
                            [--baseline DIR] [--skip-reference] [--statistic median|min]
+    python bench/decode.py --quantize float32 bf16 int8 int4 [--shapes medium] [--batches 1 8]
 
 Both run the same random-weight BlueLM checkpoint (the transformers model is LLaMA plus
 BlueLM's embedding LayerNorm, see bench/reference.py), greedy, from the same prompt.
@@ -22,6 +23,9 @@ tree, whose per-layer layout is a list of dicts {q_proj: [in, out], ...}: `basel
 speaks that revision's API). `--skip-reference` leaves transformers out. `--statistic min`
 reports the fastest of the repeats instead of the median (steadier on a shared machine,
 where other load only ever slows a run down).
+`--quantize FORM...` times weight forms of bluelm-jax against each other instead (float32;
+bf16 storage in the [out, in] layout load() picks on CPU; int8 and int4 projections,
+quantize.py), interleaved in one run, each against the roofline of its own bytes per step.
 Timings are never asserted in tests.
 """
 
@@ -187,6 +191,49 @@ def baseline_runner(baseline: dict, model, prompts, new_tokens: int):
                          new_tokens)
 
 
+WEIGHT_FORMS = ("float32", "bf16", "int8", "int4")
+
+
+def weight_form(params: dict, config: BlueLMConfig, form: str) -> dict:
+    """The float32 `params` stored as `form`: float32 as they are; bf16 cast to bfloat16 in the
+    weight layout, as load() keeps bfloat16 weights for float32 compute on CPU; int8 or int4
+    quantized projections (quantize.quantize_params)."""
+    from bluelm_jax import layout as L
+    from bluelm_jax import params as P
+    from bluelm_jax import quantize as Q
+
+    copy = jax.tree.map(lambda x: x, params)
+    if form == "float32":
+        return copy
+    if form == "bf16":
+        return L.to_layout(jax.tree.map(lambda x: x.astype(jnp.bfloat16), copy), P.WEIGHT)
+    return Q.quantize_params(copy, P.as_quantization(form, config))
+
+
+def weight_bytes_per_step(params: dict) -> int:
+    """Bytes a decode step reads of the weights: every leaf but the embedding table."""
+    return sum(leaf.nbytes for path, leaf in flatten(params) if path[:2] != ("model", "embed_tokens"))
+
+
+def compare_weight_forms(config: BlueLMConfig, params: dict, forms: list[str], batches: list[int], args,
+                         bandwidth: float) -> None:
+    """Decode tok/s of each weight form side by side, interleaved, with its ratio to the first
+    form and its fraction of the copy-bandwidth roofline of its own bytes per step."""
+    models = {form: _Model(config, weight_form(params, config, form)) for form in forms}
+    print(f"{'batch':>5} | " + " | ".join(f"{form + ' tok/s':>13} {'x ' + forms[0]:>9} {'roof':>5}"
+                                          for form in forms), flush=True)
+    rng = np.random.default_rng(0)
+    for batch in batches:
+        prompts = rng.integers(4, config.vocab_size, (batch, PROMPT_LEN)).tolist()
+        seconds = compare([ours_runner(models[form], prompts, args.new_tokens) for form in forms], args.repeats,
+                          args.statistic)
+        cells = []
+        for form, step in zip(forms, seconds):
+            roof = bandwidth / weight_bytes_per_step(models[form].params)  # steps per second
+            cells.append(f"{batch / step:>13.1f} {seconds[0] / step:>8.2f}x {100 / step / roof:>4.0f}%")
+        print(f"{batch:>5} | " + " | ".join(cells), flush=True)
+
+
 def compare(runners: list, repeats: int, statistic: str = "median") -> list[float]:
     """Seconds per step of each runner (median or min of the repeats), the runs interleaved so
     all see the same machine load."""
@@ -207,7 +254,23 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-reference", action="store_true", help="do not time transformers")
     parser.add_argument("--statistic", choices=("median", "min"), default="median", help="of the repeats")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    parser.add_argument("--quantize", nargs="+", choices=WEIGHT_FORMS, metavar="FORM",
+                        help="instead of the table against transformers, time these weight forms of bluelm-jax "
+                             "side by side (float32, bf16, int8, int4; ratios to the first)")
     args = parser.parse_args(argv)
+    if args.quantize:
+        from bench.reference import params_from_hf, random_hf_weights
+
+        bandwidth = copy_bandwidth()
+        print(f"jax {jax.__version__}, {os.cpu_count()} CPUs, copy bandwidth {bandwidth / 1e9:.1f} GB/s; prompt "
+              f"{PROMPT_LEN} tokens; {args.new_tokens} new tokens; {args.statistic} of {args.repeats}; float32 "
+              f"compute; roof: tok/s against the copy-bandwidth roofline of each form's bytes per step")
+        for name in args.shapes:
+            config = SHAPES[name]
+            print(f"{name} ({config.num_parameters() / 1e6:.0f}M parameters)", flush=True)
+            compare_weight_forms(config, params_from_hf(config, random_hf_weights(config, seed=0)), args.quantize,
+                                 args.batches, args, bandwidth)
+        return
 
     import torch
 
