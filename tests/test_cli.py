@@ -100,11 +100,12 @@ def test_bad_input_gives_one_line_and_nonzero_exit(checkpoint, tmp_path):
         assert p.stdout == ""
 
 
-def test_generate_with_an_int8_kv_cache(checkpoint, model):
+def test_generate_with_int8_weights_and_an_int8_kv_cache(checkpoint):
     p = run("generate", "--model", checkpoint, "--prompt", "Hello, how are you", "--max-new-tokens", "12", "--json",
-            "--kv-cache-dtype", "int8")
+            "--kv-cache-dtype", "int8", "--quantize", "int8")
     assert p.returncode == 0, p.stderr
-    r = G.generate(model, "Hello, how are you", max_new_tokens=12, kv_cache_dtype="int8")
+    quantized = bluelm_jax.load(checkpoint, quantize="int8")
+    r = G.generate(quantized, "Hello, how are you", max_new_tokens=12, kv_cache_dtype="int8")
     assert json.loads(p.stdout)["ids"] == r.ids[0]
 
 
