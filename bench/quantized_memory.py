@@ -12,7 +12,8 @@ and temporaries. Rows: each weight kind x a 2K cache (BlueLM-7B) and a 32K cache
 temporaries + the outputs not aliased to a donated argument; it fits a device of `--device-gb`
 GB (10^9 bytes) when that total does. The analysis belongs to the backend that compiles: on
 the CPU, quantized products are blocked loops (quantize.py) whose temporaries differ from the
-fused dequantize-then-dot of a GPU or TPU; bench/accelerator.py runs this table on its device.
+products of a GPU or TPU (quantize.py: multiply-reduces and converted dots); bench/accelerator.py
+runs this table on its device.
 """
 
 from __future__ import annotations

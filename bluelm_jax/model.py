@@ -35,11 +35,11 @@ the layout read from the names in `params`).
 The KV cache stays outside the modules: a pytree passed in and returned, one preallocated
 buffer per layer for keys and one for values, `[batch, kv_heads, max_len, head_dim]`, written
 in place with `dynamic_update_slice` (an int8 cache also holds a float32 scale per slot and
-head, `[batch, kv_heads, max_len]`, and quantizes the rows it writes). One buffer per layer, not one stacked array: a layer of
-a stacked cache is a slice that XLA's CPU backend copies before every product (a decode step
-then copied the whole cache); heads before slots, so that a decode step's products read
-each head's keys as one block with no transpose (`python -m bench.cache_layout`). Rows of a
-batch share one write index: prompts of different lengths are left-padded, and `start[b]` is
+head, `[batch, kv_heads, max_len]`, and quantizes the rows it writes). One buffer per layer,
+not one stacked array: a layer of a stacked cache is a slice that XLA's CPU backend copies
+before every product (a decode step then copied the whole cache); heads before slots, so
+that a decode step's products read each head's keys as one block with no transpose
+(`python -m bench.cache_layout`). Rows of a batch share one write index: prompts of different lengths are left-padded, and `start[b]` is
 the first real slot of row b.
 """
 
@@ -283,8 +283,9 @@ class QuantizedLinear(nnx.Module):
     """A bias-free projection with weight-only quantized weights (params.Quantization): `qvalue`
     (int8 [out, in], or int4 packed two a byte [out, in / 2]), `scale`, and for GPTQ/AWQ int4
     `offset`. The product (quantize.int8_product / int4_product) dequantizes inside the compiled
-    step, a block of output channels at a time on CPU, fused into the dot elsewhere; the float
-    weight never exists whole. It returns the compute dtype (float32 with preferred_element_type)."""
+    step (on CPU an integer dot or blocks of output channels; elsewhere a multiply-reduce at one
+    row, else inside the dot), so the float weight never exists whole. It returns the compute
+    dtype (float32 with preferred_element_type)."""
 
     def __init__(self, weight: P.Weight, config: BlueLMConfig, quantization: P.Quantization, *, dtype,
                  preferred_element_type=None):

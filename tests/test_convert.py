@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 from bluelm_jax import checkpoint
 from bluelm_jax.config import preset
 from bluelm_jax.params import get_path, hf_tensors
-from bluelm_jax.hf import to_orbax
+from bluelm_jax.hf import tensors, to_orbax
 from bluelm_jax.hf.cli import convert_main as main
 from bluelm_jax.hf.to_orbax import convert_hf_to_flax, load_hf_params
 from tests.hf_reference import random_hf_weights, write_hf_checkpoint
@@ -306,7 +306,7 @@ def test_bin_without_torch(tmp_path, tokenizer_model, capsys, monkeypatch):
 def test_error_while_writing_removes_temp_dir(tmp_path, sharded_dir, capsys, monkeypatch):
     """A failure half-way through the Orbax write leaves nothing behind."""
     calls = []
-    to_layout = to_orbax._to_layout
+    to_layout = tensors.to_layout
 
     def failing(*args):
         calls.append(1)
@@ -314,7 +314,7 @@ def test_error_while_writing_removes_temp_dir(tmp_path, sharded_dir, capsys, mon
             raise OSError(28, "No space left on device")
         return to_layout(*args)
 
-    monkeypatch.setattr(to_orbax, "_to_layout", failing)
+    monkeypatch.setattr(to_orbax, "to_layout", failing)
     out = str(tmp_path / "out")
     assert main(["--hf-dir", sharded_dir, "--out", out, "--no-progress"]) == 1
     err = capsys.readouterr().err

@@ -48,7 +48,7 @@ from bluelm_jax.packed_int4 import (NIBBLES_PER_WORD, QuantizationConfig, dequan
 from bluelm_jax.params import (IGNORED_HF_TENSORS, KERNEL, OFFSET, PROJECTIONS, SCALE, WEIGHT, HFTensor, PathT,
                                Quantization, check_layout, hf_tensors)
 from bluelm_jax.hf.reader import HFCheckpoint
-from bluelm_jax.hf.to_orbax import ConversionError, _names, _to_layout, resolve_dtype
+from bluelm_jax.hf.tensors import ConversionError, name_list, resolve_dtype, to_layout
 
 QUANTIZE_CONFIG_FILE = "quantize_config.json"  # AutoGPTQ's own copy of the GPTQ settings
 PACKED_PARTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}
@@ -140,7 +140,7 @@ def plan_tensors(ckpt: HFCheckpoint, config: BlueLMConfig, quantization: Quantiz
         else:
             floats[t.hf_name] = t
     plan = Plan(floats, projections)
-    _check_names(ckpt, plan)
+    _checkname_list(ckpt, plan)
     for name, t in floats.items():
         _check_entry(ckpt, name, t.hf_shape, FLOAT_DTYPES)
     for p in projections.values():
@@ -161,15 +161,15 @@ def packed_shapes(quantization: QuantizationConfig, in_features: int, out_featur
     return {"qweight": (in_features, words(out_features)), **shapes}
 
 
-def _check_names(ckpt: HFCheckpoint, plan: Plan) -> None:
+def _checkname_list(ckpt: HFCheckpoint, plan: Plan) -> None:
     expected = plan.names()
     present = {n for n in ckpt.entries if not IGNORED_HF_TENSORS.search(n)}
     missing = sorted(expected - present)
     if missing:
-        raise ConversionError(f"{ckpt.directory}: {len(missing)} tensor(s) missing: {_names(missing)}")
+        raise ConversionError(f"{ckpt.directory}: {len(missing)} tensor(s) missing: {name_list(missing)}")
     unexpected = sorted(present - expected)
     if unexpected:
-        raise ConversionError(f"{ckpt.directory}: {len(unexpected)} unexpected tensor(s): {_names(unexpected)}")
+        raise ConversionError(f"{ckpt.directory}: {len(unexpected)} unexpected tensor(s): {name_list(unexpected)}")
 
 
 def _check_entry(ckpt: HFCheckpoint, name: str, shape: tuple, dtypes: tuple[str, ...]) -> None:
@@ -205,7 +205,7 @@ def read_quantized_leaves(source: Union[str, os.PathLike, HFCheckpoint], config:
     for name, src in ckpt.tensors(plan.names()):
         if name in plan.floats:
             t = plan.floats[name]
-            yield t.path, _to_layout(src, t.transpose, float_dtype)
+            yield t.path, to_layout(src, t.transpose, float_dtype)
             continue
         module, part = name.rsplit(".", 1)
         parts = pending.setdefault(module, {})

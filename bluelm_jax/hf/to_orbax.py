@@ -36,15 +36,9 @@ from bluelm_jax.params import (IGNORED_HF_TENSORS, KERNEL, QVALUE, HFTensor, Pat
                                flatten, get_path, hf_tensors, leaves, param_shapes, set_path, shape_of,
                                weight_at)
 from bluelm_jax.hf.reader import HFCheckpoint
+from bluelm_jax.hf.tensors import FLOAT_DTYPES, ConversionError, name_list, resolve_dtype, to_layout
 
 BLOCK_BYTES = 64 * 1024 * 1024  # largest block of a leaf written at once
-FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-
-
-class ConversionError(ValueError):
-    """A Hugging Face directory that does not hold the checkpoint its config.json describes."""
-
-
 # ------------------------------------------------------------------ checking
 
 
@@ -55,10 +49,10 @@ def check_tensors(ckpt: HFCheckpoint, config: BlueLMConfig, layout: str = KERNEL
     present = {n for n in ckpt.entries if not IGNORED_HF_TENSORS.search(n)}
     missing = [n for n in expected if n not in present]
     if missing:
-        raise ConversionError(f"{ckpt.directory}: {len(missing)} tensor(s) missing: {_names(missing)}")
+        raise ConversionError(f"{ckpt.directory}: {len(missing)} tensor(s) missing: {name_list(missing)}")
     unexpected = sorted(present - set(expected))
     if unexpected:
-        raise ConversionError(f"{ckpt.directory}: {len(unexpected)} unexpected tensor(s): {_names(unexpected)}")
+        raise ConversionError(f"{ckpt.directory}: {len(unexpected)} unexpected tensor(s): {name_list(unexpected)}")
     for name, t in expected.items():
         entry = ckpt.entries[name]
         if entry.shape != t.hf_shape:
@@ -68,18 +62,6 @@ def check_tensors(ckpt: HFCheckpoint, config: BlueLMConfig, layout: str = KERNEL
         if entry.dtype.name not in FLOAT_DTYPES:
             raise ConversionError(f"{entry.file}: tensor {name} has dtype {entry.dtype.name}, expected floating point")
     return expected
-
-
-def _names(names: list[str], limit: int = 4) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def resolve_dtype(dtype: Optional[str], ckpt: HFCheckpoint) -> str:
-    """'bfloat16' or 'float32'. auto/None keeps bfloat16 or float32 as stored; float16/float64 become float32."""
-    if dtype not in (None, "auto"):
-        return checkpoint.dtype_name(dtype)
-    stored = ckpt.entries["model.embed_tokens.weight"].dtype.name
-    return stored if stored in checkpoint.PARAM_DTYPES else "float32"
 
 
 # ------------------------------------------------------------------ blocks
@@ -119,12 +101,6 @@ def leaf_specs(config: BlueLMConfig, dtype: str, layout: str = KERNEL,
     return specs
 
 
-def _to_layout(src: np.ndarray, transpose: bool, dtype: np.dtype) -> np.ndarray:
-    """Cast to `dtype`, then transpose when the HF tensor is [out, in]."""
-    a = src if src.dtype == dtype else src.astype(dtype)
-    return checkpoint.host_transpose(a) if transpose else np.ascontiguousarray(a)
-
-
 def _row_blocks(src: np.ndarray, spec: checkpoint.LeafSpec, transpose: bool) -> Iterator[tuple[tuple, np.ndarray]]:
     """Blocks of rows of a 2-D source [n, k] -> rows of the leaf, or its columns when transposed."""
     n = src.shape[0]
@@ -132,7 +108,7 @@ def _row_blocks(src: np.ndarray, spec: checkpoint.LeafSpec, transpose: bool) -> 
     for a in range(0, n, rows):
         b = min(a + rows, n)
         index = (slice(None), slice(a, b)) if transpose else (slice(a, b),)
-        yield index, _to_layout(src[a:b], transpose, spec.dtype)
+        yield index, to_layout(src[a:b], transpose, spec.dtype)
 
 
 def _quantized_blocks(src: np.ndarray, path: PathT, specs: dict[PathT, checkpoint.LeafSpec],
@@ -161,7 +137,7 @@ def converted_blocks(ckpt: HFCheckpoint, expected: dict[str, HFTensor], specs: d
         elif src.ndim == 2:
             blocks = ((t.path, *block) for block in _row_blocks(src, specs[t.path], t.transpose))
         else:
-            blocks = [(t.path, (), _to_layout(src, False, specs[t.path].dtype))]
+            blocks = [(t.path, (), to_layout(src, False, specs[t.path].dtype))]
         for path, index, value in blocks:
             yield path, index, value
             if progress is not None:
