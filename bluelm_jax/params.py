@@ -322,7 +322,11 @@ def layout_of(params: dict) -> str:
 
 
 def require_kernel_layout(params: dict, purpose: str) -> None:
-    """A ValueError unless `params` are in the KERNEL layout, which `purpose` needs."""
+    """A ValueError unless `params` are float projections in the KERNEL layout, which `purpose` needs."""
+    quantization = quantization_of(params)
+    if quantization is not None:
+        raise ValueError(f"{purpose} needs float projections, these are {quantization.kind} (load the model "
+                         f"without quantize=, from a checkpoint converted without --quantize)")
     if layout_of(params) != KERNEL:
         raise ValueError(f"{purpose} needs the parameters in the kernel layout ([in, out]), these are in the "
                          f"weight layout ([out, in], picked for bfloat16 on CPU): load with layout='kernel' or "

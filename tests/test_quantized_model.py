@@ -159,3 +159,18 @@ def test_int8_stays_close_on_a_random_model_with_sharp_attention():
     top1_8, kl_8 = QQ.agreement(reference, QQ.quantized(model, "int8").logits(tokens))
     top1_4, kl_4 = QQ.agreement(reference, QQ.quantized(model, "int4").logits(tokens))
     assert kl_8 < 1e-3 and kl_8 < kl_4 / 20 and top1_8 > top1_4, (top1_8, kl_8, top1_4, kl_4)
+
+
+def test_training_and_export_refuse_quantized_weights(hf_checkpoint, tmp_path):
+    """Fine-tuning, checkpoints and export need float projections: each says so in one line."""
+    from bluelm_jax.hf.to_hf import ExportError, export_checkpoint
+
+    quantized = bluelm_jax.load(hf_checkpoint("tiny"), quantize="int8")
+    with pytest.raises(ValueError, match="fine-tuning needs float projections, these are int8"):
+        P.require_kernel_layout(quantized.params, "fine-tuning")
+    with pytest.raises(ValueError, match="a checkpoint needs float projections"):
+        checkpoint.save_params(str(tmp_path / "params"), quantized.params)
+    convert_hf_to_flax(hf_checkpoint("tiny"), tmp_path / "q", quantize="int8", progress=False)
+    with pytest.raises(ExportError, match="converted with int8 quantization; its float weights are gone"):
+        export_checkpoint(str(tmp_path / "q"), str(tmp_path / "hf-out"))
+    assert not (tmp_path / "hf-out").exists()

@@ -158,6 +158,9 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, adapter_dir: Optional[str] = 
         refuse_overlap(out_dir, adapter_dir, "adapter directory", ExportError)
     refuse_existing(out_dir, force, ExportError)
     meta = checkpoint.read_metadata(ckpt_dir)
+    if meta.get("quantization") is not None:
+        raise ExportError(f"{ckpt_dir}: converted with {meta['quantization'].get('kind')} quantization; its float "
+                          "weights are gone, so export the float checkpoint it was converted from")
     config_file = os.path.join(ckpt_dir, checkpoint.CONFIG_FILE)
     config = BlueLMConfig.from_json_file(config_file)
     with open(config_file, encoding="utf-8") as f:
