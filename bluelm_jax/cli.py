@@ -5,6 +5,8 @@ object with the text, the ids and the finish reason).
 chat: an interactive conversation read from stdin, with history, streamed answers, and
 the commands `clear` (forget the history) and `quit` (or `exit`, or end of input).
 serve: an OpenAI-compatible HTTP server (bluelm_jax/server/).
+perplexity: a text file's tokens, negative log-likelihood per token and perplexity
+(scoring.loglikelihood_rolling).
 
 Bad input gives one line on stderr and a non-zero exit status. jax is imported only once
 the arguments are valid, so mistakes are reported at once.
@@ -153,6 +155,19 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     _add_sampling_args(c, max_new=512, temperature=0.8, top_p=0.8, penalty=1.1)
     c.set_defaults(run=run_chat)
 
+    p = commands.add_parser("perplexity", help="the log-likelihood and perplexity of a text file",
+                            description="Score a UTF-8 text file (with <s> in front) in overlapping windows; "
+                                        "print its tokens, negative log-likelihood per token and perplexity.")
+    _add_model_args(p)
+    p.add_argument("--file", required=True, metavar="PATH", help="the text to score")
+    p.add_argument("--window", type=_positive_int, default=None, metavar="N",
+                   help="tokens per window (default: the model's context)")
+    p.add_argument("--stride", type=_positive_int, default=None, metavar="N",
+                   help="tokens between window starts (default: half a window)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="windows per batch (default 8)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: tokens, nll_per_token, perplexity")
+    p.set_defaults(run=run_perplexity)
+
     from bluelm_jax.server import serve  # no jax import
 
     s = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, ...)",
@@ -295,6 +310,27 @@ def _chat(model, args) -> None:
         sys.stdout.flush()
         history = history + [{"role": "user", "content": user}, {"role": "assistant", "content": s.text}]
         turn += 1
+
+
+def run_perplexity(args) -> None:
+    with open(args.file, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise UsageError(f"{args.file}: empty")
+    from bluelm_jax import scoring
+
+    model, mesh = _load(args)
+    from bluelm_jax import sharding
+
+    with sharding.use(mesh):
+        score = scoring.loglikelihood_rolling(model, text, args.window, args.stride, args.batch_size,
+                                              progress=not args.json)
+    if args.json:
+        print(json.dumps({"tokens": score.tokens, "nll_per_token": score.nll_per_token,
+                          "perplexity": score.perplexity}))
+    else:
+        print(f"tokens {score.tokens}, negative log-likelihood per token {score.nll_per_token:.4f}, "
+              f"perplexity {score.perplexity:.3f}")
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:

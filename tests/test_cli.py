@@ -89,6 +89,8 @@ def test_bad_input_gives_one_line_and_nonzero_exit(checkpoint, tmp_path):
         ("chat", "--model", checkpoint, "--kv-cache-dtype", "int4"),
         ("serve", "--kv-cache-dtype", "bf16"),
         ("chat", "--model", str(tmp_path)),
+        ("perplexity", "--model", checkpoint, "--file", str(tmp_path / "missing.txt")),
+        ("perplexity", "--model", checkpoint, "--file", str(tmp_path), "--window", "0"),
         ("frobnicate",),
         (),
     ]
@@ -171,3 +173,16 @@ def test_errors_are_one_line_and_bugs_are_not_passed_off_as_bad_input(monkeypatc
     assert cli.main(["generate", "--prompt", "hi"]) == status
     captured = capsys.readouterr()
     assert captured.err == f"python -m bluelm_jax generate: error: {line}\n" and captured.out == ""
+
+
+def test_perplexity_of_a_file(checkpoint, model, tmp_path):
+    text = "The quick brown fox jumps over the lazy dog. 熊猫主要吃竹子。" * 3
+    (tmp_path / "doc.txt").write_text(text, encoding="utf-8")
+    p = run("perplexity", "--model", checkpoint, "--file", str(tmp_path / "doc.txt"), "--window", "32",
+            "--stride", "16", "--json")
+    assert p.returncode == 0, p.stderr
+    from bluelm_jax import scoring
+
+    expected = scoring.loglikelihood_rolling(model, text, window=32, stride=16)
+    got = json.loads(p.stdout)
+    assert got["tokens"] == expected.tokens and abs(got["perplexity"] - expected.perplexity) < 1e-3 * expected.perplexity

@@ -233,7 +233,7 @@ async def chat_stream(server: Server, parsed: schema.ChatRequest, choices: list[
 # ------------------------------------------------------------------ completions
 
 
-def logprobs_object(tokenizer, ids: list[int], scores: Optional[scoring.Scores], start: int) -> dict:
+def logprobs_object(tokenizer, ids: list[int], scores: Optional[scoring.TokenScores], start: int) -> dict:
     """OpenAI completion logprobs of ids[start:] (the first id of a sequence has none); text
     offsets count from the start of the choice's text."""
     texts = scoring.token_texts(tokenizer, ids)

@@ -1,0 +1,109 @@
+"""Scoring (bluelm_jax/scoring.py) against the transformers reference: continuation
+log-likelihoods and greediness, rolling windows, compilations per bucket, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import bluelm_jax
+from bluelm_jax import scoring
+from bluelm_jax.config import preset
+from tests.hf_reference import random_hf_weights, reference_model
+
+
+def _reference_logprobs(reference, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' log p(ids[i+1] | ids[:i+1]) and argmax == ids[i+1], float32."""
+    with torch.no_grad():
+        logits = reference(torch.tensor([ids])).logits[0, :-1].float()
+    logprobs = torch.log_softmax(logits, -1)
+    targets = torch.tensor(ids[1:])
+    return (logprobs[torch.arange(len(ids) - 1), targets].numpy(), (logits.argmax(-1) == targets).numpy())
+
+
+def _greedy_continuation(reference, context: list[int], n: int) -> list[int]:
+    ids = list(context)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(reference(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(context):]
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-32k"])
+def test_loglikelihoods_equal_the_reference(hf_checkpoint, name):
+    """Mixed lengths in one call (three buckets, batches of 2), random and greedy continuations:
+    sums within 1e-4 of transformers', is_greedy equal."""
+    config = preset(name)
+    model = bluelm_jax.load(hf_checkpoint(name))
+    reference = reference_model(config, random_hf_weights(config, seed=0))
+    rng = np.random.default_rng(3)
+    requests = []
+    for context_len, continuation_len in ((5, 3), (40, 7), (90, 1), (20, 12), (150, 30)):
+        context = [config.bos_token_id] + rng.integers(4, config.vocab_size, context_len - 1).tolist()
+        requests.append((context, rng.integers(4, config.vocab_size, continuation_len).tolist()))
+        requests.append((context, _greedy_continuation(reference, context, continuation_len)))
+    scores = scoring.loglikelihood(model, requests, batch_size=2)
+    for (context, continuation), score in zip(requests, scores):
+        chosen, greedy = _reference_logprobs(reference, context + continuation)
+        n = len(continuation)
+        assert score.tokens == n
+        assert abs(score.logprob - float(chosen[-n:].sum())) < 1e-4, (len(context), n)
+        assert score.is_greedy == bool(greedy[-n:].all())
+    assert [s.is_greedy for s in scores[1::2]] == [True] * 5 and not any(s.is_greedy for s in scores[0::2])
+
+
+def test_texts_are_split_at_the_context_and_scored_like_their_ids(hf_checkpoint):
+    model = bluelm_jax.load(hf_checkpoint("tiny"))
+    context_ids, continuation_ids = scoring.encode_pair(model, "The capital of France is", " Paris.")
+    assert context_ids == model.tokenizer.encode("The capital of France is")
+    assert context_ids + continuation_ids == model.tokenizer.encode("The capital of France is Paris.")
+    by_text, by_ids = scoring.loglikelihood(model, [("The capital of France is", " Paris."),
+                                                    (context_ids, continuation_ids)])
+    assert by_text == by_ids
+
+
+def test_rolling_windows_score_every_token_once_with_overlapping_context(hf_checkpoint):
+    """A document that fits one window scores as its whole sequence does; a longer one is the sum
+    over windows that overlap by window - stride tokens, each computed here by the reference."""
+    config = preset("tiny")
+    model = bluelm_jax.load(hf_checkpoint("tiny"))
+    reference = reference_model(config, random_hf_weights(config, seed=0))
+    ids = [config.bos_token_id] + np.random.default_rng(5).integers(4, config.vocab_size, 99).tolist()
+    whole = scoring.loglikelihood_rolling(model, ids)
+    assert whole.tokens == 99
+    assert abs(whole.logprob - float(_reference_logprobs(reference, ids)[0].sum())) < 1e-4
+    assert abs(whole.perplexity - np.exp(-whole.logprob / 99)) < 1e-9
+    windows = scoring.rolling_windows(len(ids), 32, 12)
+    assert windows[:2] == [(0, 32, 1), (12, 44, 32)] and windows[-1][1] == len(ids)
+    expected = 0.0
+    for start, end, first in windows:
+        chosen, _ = _reference_logprobs(reference, ids[start:end])
+        expected += float(chosen[first - start - 1:].sum())
+    rolled = scoring.loglikelihood_rolling(model, ids, window=32, stride=12)
+    assert rolled.tokens == 99 and abs(rolled.logprob - expected) < 1e-4
+    assert abs(rolled.logprob - whole.logprob) > 1e-3  # less context per token: a different number
+
+
+def test_one_compilation_per_width_and_batch_rows(hf_checkpoint):
+    model = bluelm_jax.load(hf_checkpoint("tiny"))
+    rng = np.random.default_rng(0)
+    rows = lambda *lengths: [rng.integers(4, 600, n).tolist() for n in lengths]  # noqa: E731
+    scoring.token_logprobs(model, rows(40, 50, 60), batch_size=4)  # width 64
+    before = scoring.TRACE_COUNTS["scoring"]
+    scoring.token_logprobs(model, rows(33, 64, 45, 61, 50, 39, 40), batch_size=4)  # width 64 again, two batches
+    assert scoring.TRACE_COUNTS["scoring"] == before
+    scoring.token_logprobs(model, rows(700, 690), batch_size=4)  # width 704, two rows (used nowhere else): one more
+    assert scoring.TRACE_COUNTS["scoring"] == before + 1
+
+
+def test_bad_requests_are_refused(hf_checkpoint):
+    model = bluelm_jax.load(hf_checkpoint("tiny"))
+    with pytest.raises(ValueError, match="the continuation has no tokens"):
+        scoring.loglikelihood(model, [([1, 5], [])])
+    with pytest.raises(ValueError, match="both be texts or both be token ids"):
+        scoring.loglikelihood(model, [("text", [5])])
+    with pytest.raises(ValueError, match="row 0 has 1 tokens"):
+        scoring.token_logprobs(model, [[1]])
+    with pytest.raises(ValueError, match="stride must be in"):
+        scoring.loglikelihood_rolling(model, [1, 5, 6, 7], window=4, stride=4)
