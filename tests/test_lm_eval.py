@@ -46,6 +46,7 @@ def _task_yaml(name: str, data: str, cache: str, doc_to_text: str, doc_to_choice
         "doc_to_target: \"{{['A', 'B', 'C', 'D'].index(answer)}}\"",
         "metric_list:",
         "  - metric: acc",
+        "    higher_is_better: true",
         ""])
 
 
@@ -97,7 +98,8 @@ def test_multiple_choice_accuracy_is_the_argmax_of_the_option_loglikelihoods(lm,
     from lm_eval.tasks import TaskManager
 
     results = lm_eval.simple_evaluate(model=lm, tasks=sorted(EXPECTED), num_fewshot=0,
-                                      task_manager=TaskManager(include_path=str(task_dir)), log_samples=True)
+                                      task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+                                      log_samples=True)
     for task, (prompt, choices) in EXPECTED.items():
         logprobs, accuracy = _expected(lm.model, prompt, choices)
         assert results["results"][task]["acc,none"] == pytest.approx(accuracy, abs=1e-12), task
@@ -129,6 +131,19 @@ def test_loglikelihood_rolling_is_the_documents_summed_logprob(lm):
     assert found == pytest.approx(scoring.loglikelihood_rolling(lm.model, text).logprob, abs=1e-6)
     chosen, _ = scoring.token_logprobs(lm.model, [lm.model.tokenizer.encode(text, add_bos=True)])[0]
     assert found == pytest.approx(float(np.sum(chosen, dtype=np.float64)), abs=1e-4)
+
+
+def test_rows_longer_than_max_length_keep_their_last_tokens(lm):
+    short = BlueLMJax(model=lm.model, max_length=8)
+    context, continuation = "What is the capital of France? The capital of France is", " Paris."
+    context_ids, continuation_ids = scoring.encode_pair(lm.model, context, continuation)
+    assert len(context_ids) + len(continuation_ids) > 8
+    (found,) = short.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
+    (cut,) = scoring.loglikelihood(lm.model, [(context_ids[-(8 - len(continuation_ids)):], continuation_ids)])
+    (whole,) = scoring.loglikelihood(lm.model, [(context, continuation)])
+    assert found == (cut.logprob, cut.is_greedy) and found[0] != whole.logprob
+    with pytest.raises(ValueError, match="max_length"):
+        BlueLMJax(model=lm.model, max_length=lm.model.config.context_length + 1)
 
 
 def test_eval_command_prints_the_table_and_writes_the_results(task_dir, tmp_path, capsys):
