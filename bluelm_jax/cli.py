@@ -34,6 +34,7 @@ PROG = "python -m bluelm_jax"  # the installed script calls itself bluelm-jax (`
 # command -> (module with a main(argv, prog) -> int, help line)
 OTHER_COMMANDS = {
     "finetune": ("bluelm_jax.finetune_cli", "fine-tune a model (full or LoRA) on JSON/JSON-lines data"),
+    "eval": ("bluelm_jax.eval_cli", "run lm-evaluation-harness tasks and print its table (the eval extra)"),
 }
 
 
