@@ -297,8 +297,8 @@ def leaf_axes(path: PathT, ndim: int) -> tuple:
 
 def quantization_of(params: dict) -> Quantization | None:
     """The quantization of a parameter tree, read from its leaves (layer 0's q_proj and lm_head), or None."""
-    q_proj = params["model"]["layers"][0]["self_attn"]["q_proj"]
-    if QVALUE not in q_proj:
+    q_proj = params.get("model", {}).get("layers", {}).get(0, {}).get("self_attn", {}).get("q_proj", {})
+    if QVALUE not in q_proj:  # float projections (or a tree of another layout, which its checks refuse)
         return None
     if q_proj[SCALE].ndim == 1:
         return Quantization("int8", lm_head=QVALUE in params["lm_head"])
