@@ -48,6 +48,7 @@ from orbax.checkpoint import type_handlers
 
 from bluelm_jax.atomic_dir import atomic_directory
 from bluelm_jax.config import BlueLMConfig
+from bluelm_jax.jsonfile import read_json
 from bluelm_jax import quantize as Q
 from bluelm_jax.params import (KERNEL, PathT, Quantization, flatten, get_path, leaves, param_shapes, path_in,
                                path_name, require_kernel_layout, set_path)
@@ -184,13 +185,8 @@ def write_metadata(directory: str | os.PathLike, param_dtype: str, **extra: Any)
 def read_metadata(directory: str | os.PathLike) -> dict:
     """Reads and validates bluelm_jax.json; raises CheckpointError on any mismatch."""
     path = os.path.join(directory, METADATA_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory}: not a converted bluelm-jax checkpoint (no {METADATA_FILE})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    meta = read_json(path, CheckpointError,
+                     missing=f"{directory}: not a converted bluelm-jax checkpoint (no {METADATA_FILE})")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: format is not {FORMAT_NAME!r}")
     if meta.get("layout_version") != LAYOUT_VERSION:

@@ -13,6 +13,8 @@ import math
 import os
 from typing import Any, Optional
 
+from bluelm_jax.jsonfile import read_json
+
 SUPPORTED_ARCHITECTURES = ("BlueLMForCausalLM", "LlamaForCausalLM")
 SUPPORTED_MODEL_TYPES = ("BlueLM", "bluelm", "llama")
 ROPE_TYPES = ("ntkmixed", "linear")
@@ -135,14 +137,7 @@ class BlueLMConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "BlueLMConfig":
         path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_hf_dict(raw, where=path)
+        return cls.from_hf_dict(read_json(path, ConfigError), where=path)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json of the Hugging Face release for this config."""

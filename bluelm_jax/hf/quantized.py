@@ -32,7 +32,6 @@ file and the tensor.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Iterator, Optional, Union
 
@@ -43,6 +42,7 @@ import numpy as np
 from bluelm_jax import checkpoint
 from bluelm_jax import quantize as Q
 from bluelm_jax.config import BlueLMConfig
+from bluelm_jax.jsonfile import read_json
 from bluelm_jax.packed_int4 import (NIBBLES_PER_WORD, QuantizationConfig, dequantize_linear, project_int4_leaves,
                                     read_quantization_config)
 from bluelm_jax.params import (IGNORED_HF_TENSORS, KERNEL, OFFSET, PROJECTIONS, SCALE, WEIGHT, HFTensor, PathT,
@@ -79,13 +79,7 @@ def read_quantization(hf_dir: Union[str, os.PathLike]) -> Optional[QuantizationC
 
 
 def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise ConversionError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path, ConversionError)
     if not isinstance(raw, dict):
         raise ConversionError(f"{path}: expected a JSON object")
     return raw
