@@ -319,14 +319,14 @@ def restore_params(directory: str | os.PathLike, config: BlueLMConfig, dtype: An
     return_large_frees_to_the_os()
     context = ts.Context()  # one cache of the OCDBT manifest for all leaves
     params: dict = {}
+    quantizing = quantize if stored is None else None  # a float directory, quantized as it is read
     try:
         for path, leaf in flatten(target):
             store = _open_stored_leaf(params_dir, path, context)
-            if quantize is not None and stored is None and quantize.covers(path):
+            if path_in(path, layout) == path or (quantizing is not None and quantizing.covers(path)):
                 set_path(params, path, read_leaf(store, leaf, params_dir, path))
-                Q.quantize_leaf(params, path, quantize)
-            elif path_in(path, layout) == path:
-                set_path(params, path, read_leaf(store, leaf, params_dir, path))
+                if quantizing is not None:
+                    Q.quantize_leaf(params, path, quantizing)  # leaves anything it does not cover alone
             else:
                 leaf = jax.ShapeDtypeStruct(leaf.shape[::-1], leaf.dtype, sharding=transposed_sharding(leaf.sharding))
                 set_path(params, path_in(path, layout), read_leaf(store, leaf, params_dir, path, transpose=True))

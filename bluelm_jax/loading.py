@@ -161,7 +161,7 @@ def load(path: str | os.PathLike, dtype: Any = None, compute_dtype: Any = None,
         if packed is None:
             params = _load_hf(path, config, dtype, shardings, layout, quantization)
         else:
-            params = _load_packed(path, config, dtype, mesh, shardings, layout, quantization, dequantize)
+            params = _load_packed(path, packed, config, dtype, mesh, shardings, layout, quantization, dequantize)
     return BlueLM(config, tokenizer, params, compute, path, mesh)
 
 
@@ -177,11 +177,12 @@ def _param_dtype(path: str, dtype: Any, converted: bool) -> jnp.dtype:
     return jnp.dtype(resolve_dtype(None, HFCheckpoint(path)))
 
 
-def _load_packed(path: str, config: BlueLMConfig, dtype: Any, mesh: Any, shardings: checkpoint.Shardings,
+def _load_packed(path: str, packed: Any, config: BlueLMConfig, dtype: Any, mesh: Any, shardings: checkpoint.Shardings,
                  layout: str, quantization: Optional[P.Quantization], dequantize: bool) -> dict:
-    """A GPTQ/AWQ checkpoint (hf/quantized.py), leaf by leaf onto the devices: its int4 tree, or
-    with `dequantize` float projections (then quantized by `quantization` as they are read, if given)."""
-    from bluelm_jax.hf.quantized import int4_quantization, int4_tree_leaves, read_quantization, read_quantized_leaves
+    """A GPTQ/AWQ checkpoint (hf/quantized.py; `packed` its packed_int4.QuantizationConfig), leaf by leaf
+    onto the devices: its int4 tree, or with `dequantize` float projections (then quantized by
+    `quantization` as they are read, if given)."""
+    from bluelm_jax.hf.quantized import int4_quantization, int4_tree_leaves, read_quantized_leaves
     from bluelm_jax.hf.reader import HFCheckpoint
 
     ckpt = HFCheckpoint(path)
@@ -189,10 +190,11 @@ def _load_packed(path: str, config: BlueLMConfig, dtype: Any, mesh: Any, shardin
     if dequantize:
         leaves, tree = read_quantized_leaves(ckpt, config, dequantize=True, dtype=name, layout=layout), None
     else:
-        tree = int4_quantization(ckpt, read_quantization(path))
+        tree = int4_quantization(ckpt, packed)
         if quantization not in (None, tree):
-            raise checkpoint.CheckpointError(f"{path}: a GPTQ/AWQ checkpoint loads as its own int4 ({tree.describe()}); "
-                                             f"load it with dequantize=True to quantize it as {quantization.kind}")
+            raise checkpoint.CheckpointError(f"{path}: a GPTQ/AWQ checkpoint loads as its own int4 "
+                                             f"({tree.describe()}); load it with dequantize=True to quantize it "
+                                             f"as {quantization.kind}")
         leaves = int4_tree_leaves(ckpt, config, tree, name, layout)
     if mesh is not None:
         from bluelm_jax import sharding
@@ -200,10 +202,7 @@ def _load_packed(path: str, config: BlueLMConfig, dtype: Any, mesh: Any, shardin
         shardings = sharding.param_shardings(config, mesh, tree)
     params: dict = {}
     for leaf_path, value in leaves:
-        kernel_path = P.path_in(leaf_path, P.KERNEL)
-        target = checkpoint.leaf_sharding(shardings, kernel_path)
-        set_path(params, leaf_path, jax.device_put(value, target if kernel_path == leaf_path
-                                                   else transposed_sharding(target)))
+        _place(params, leaf_path, value, shardings)
         if dequantize and quantization is not None:
             quantize_leaf(params, leaf_path, quantization)
     return params
@@ -220,12 +219,17 @@ def _load_hf(path: str, config: BlueLMConfig, dtype: Any, shardings: checkpoint.
     from bluelm_jax.hf.to_orbax import load_hf_params
 
     host = load_hf_params(path, config, None if dtype is None else checkpoint.dtype_name(dtype), layout, quantization)
-    abstract = checkpoint.abstract_params(config, host["model"]["embed_tokens"]["embedding"].dtype, shardings,
-                                          quantization)
     params: dict = {}
-    for kernel_path, target in list(flatten(abstract)):
-        leaf_path = P.path_in(kernel_path, layout)
-        where = target.sharding if leaf_path == kernel_path else transposed_sharding(target.sharding)
-        parent = get_path(host, leaf_path[:-1])
-        set_path(params, leaf_path, jax.device_put(parent.pop(leaf_path[-1]), where))
+    for leaf_path in [path for path, _ in flatten(host)]:  # paths only: each host leaf is freed once placed
+        _place(params, leaf_path, get_path(host, leaf_path[:-1]).pop(leaf_path[-1]), shardings)
     return params
+
+
+def _place(params: dict, leaf_path: tuple, value: np.ndarray, shardings: checkpoint.Shardings) -> None:
+    """Puts the host array `value` at `leaf_path` of `params`, on the devices `shardings` (a KERNEL-layout
+    tree, or one Sharding, or None) give the leaf: a WEIGHT-layout projection where its kernel would
+    go, with the mesh axes swapped."""
+    kernel_path = P.path_in(leaf_path, P.KERNEL)
+    target = checkpoint.leaf_sharding(shardings, kernel_path)
+    where = target if kernel_path == leaf_path else transposed_sharding(target)
+    set_path(params, leaf_path, jax.device_put(value, where))

@@ -68,7 +68,7 @@ from bluelm_jax import params as P
 
 INT8_MAX = 127
 INT4_MAX = 7  # symmetric: levels -7..7 (the nibble's -8 is never used)
-GROUP = 128  # int4 inputs per scale
+GROUP = P.INT4_GROUP  # int4 inputs per scale (params.Quantization's default)
 # Up to this many rows, products off the CPU are multiply-reduces that read the integers once.
 # bench/accelerator_checks.py on an H200, one [11008, 4096] weight, fraction of the copy
 # bandwidth: 1 row: int8 multiply-reduce 0.71, convert-dot-scale 0.28, dequantize-then-dot 0.16,

@@ -45,10 +45,10 @@ from bluelm_jax.config import BlueLMConfig
 from bluelm_jax.jsonfile import read_json
 from bluelm_jax.packed_int4 import (NIBBLES_PER_WORD, QuantizationConfig, dequantize_linear, project_int4_leaves,
                                     read_quantization_config)
-from bluelm_jax.params import (IGNORED_HF_TENSORS, KERNEL, OFFSET, PROJECTIONS, SCALE, WEIGHT, HFTensor, PathT,
+from bluelm_jax.params import (KERNEL, OFFSET, PROJECTIONS, SCALE, WEIGHT, HFTensor, PathT,
                                Quantization, check_layout, hf_tensors)
 from bluelm_jax.hf.reader import HFCheckpoint
-from bluelm_jax.hf.tensors import ConversionError, name_list, resolve_dtype, to_layout
+from bluelm_jax.hf.tensors import ConversionError, check_names, resolve_dtype, to_layout
 
 QUANTIZE_CONFIG_FILE = "quantize_config.json"  # AutoGPTQ's own copy of the GPTQ settings
 PACKED_PARTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}
@@ -134,7 +134,7 @@ def plan_tensors(ckpt: HFCheckpoint, config: BlueLMConfig, quantization: Quantiz
         else:
             floats[t.hf_name] = t
     plan = Plan(floats, projections)
-    _checkname_list(ckpt, plan)
+    check_names(ckpt, sorted(plan.names()))
     for name, t in floats.items():
         _check_entry(ckpt, name, t.hf_shape, FLOAT_DTYPES)
     for p in projections.values():
@@ -153,17 +153,6 @@ def packed_shapes(quantization: QuantizationConfig, in_features: int, out_featur
     if quantization.method == "gptq":
         return {"qweight": (words(in_features), out_features), **shapes, "g_idx": (in_features,)}
     return {"qweight": (in_features, words(out_features)), **shapes}
-
-
-def _checkname_list(ckpt: HFCheckpoint, plan: Plan) -> None:
-    expected = plan.names()
-    present = {n for n in ckpt.entries if not IGNORED_HF_TENSORS.search(n)}
-    missing = sorted(expected - present)
-    if missing:
-        raise ConversionError(f"{ckpt.directory}: {len(missing)} tensor(s) missing: {name_list(missing)}")
-    unexpected = sorted(present - expected)
-    if unexpected:
-        raise ConversionError(f"{ckpt.directory}: {len(unexpected)} unexpected tensor(s): {name_list(unexpected)}")
 
 
 def _check_entry(ckpt: HFCheckpoint, name: str, shape: tuple, dtypes: tuple[str, ...]) -> None:

@@ -6,11 +6,12 @@ Used by hf/to_orbax.py (float checkpoints) and hf/quantized.py (GPTQ/AWQ checkpo
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
 from bluelm_jax import checkpoint
+from bluelm_jax.params import IGNORED_HF_TENSORS
 from bluelm_jax.hf.reader import HFCheckpoint
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -23,6 +24,18 @@ class ConversionError(ValueError):
 def name_list(names: list[str], limit: int = 4) -> str:
     """The first `limit` names, and how many more, for an error line."""
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_names(ckpt: HFCheckpoint, expected: Sequence[str]) -> None:
+    """ConversionError unless the checkpoint holds exactly the `expected` tensors (buffers that are
+    recomputed, params.IGNORED_HF_TENSORS, aside); missing names are listed in `expected`'s order."""
+    present = {n for n in ckpt.entries if not IGNORED_HF_TENSORS.search(n)}
+    missing = [n for n in expected if n not in present]
+    if missing:
+        raise ConversionError(f"{ckpt.directory}: {len(missing)} tensor(s) missing: {name_list(missing)}")
+    unexpected = sorted(present - set(expected))
+    if unexpected:
+        raise ConversionError(f"{ckpt.directory}: {len(unexpected)} unexpected tensor(s): {name_list(unexpected)}")
 
 
 def resolve_dtype(dtype: Optional[str], ckpt: HFCheckpoint) -> str:

@@ -22,7 +22,7 @@ import functools
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,11 +32,11 @@ from bluelm_jax import checkpoint, hub, interrupts
 from bluelm_jax.atomic_dir import refuse_existing, refuse_overlap
 from bluelm_jax.config import BlueLMConfig
 from bluelm_jax import quantize as Q
-from bluelm_jax.params import (IGNORED_HF_TENSORS, KERNEL, QVALUE, HFTensor, PathT, Quantization, as_quantization,
+from bluelm_jax.params import (KERNEL, QVALUE, HFTensor, PathT, Quantization, as_quantization,
                                flatten, get_path, hf_tensors, leaves, param_shapes, set_path, shape_of,
                                weight_at)
 from bluelm_jax.hf.reader import HFCheckpoint
-from bluelm_jax.hf.tensors import FLOAT_DTYPES, ConversionError, name_list, resolve_dtype, to_layout
+from bluelm_jax.hf.tensors import FLOAT_DTYPES, ConversionError, check_names, resolve_dtype, to_layout
 
 BLOCK_BYTES = 64 * 1024 * 1024  # largest block of a leaf written at once
 # ------------------------------------------------------------------ checking
@@ -46,13 +46,7 @@ def check_tensors(ckpt: HFCheckpoint, config: BlueLMConfig, layout: str = KERNEL
     """Expected tensors by name (with their leaves in `layout`); raises ConversionError on
     missing, unexpected, mis-shaped or non-float ones."""
     expected = {t.hf_name: t for t in hf_tensors(config, layout)}
-    present = {n for n in ckpt.entries if not IGNORED_HF_TENSORS.search(n)}
-    missing = [n for n in expected if n not in present]
-    if missing:
-        raise ConversionError(f"{ckpt.directory}: {len(missing)} tensor(s) missing: {name_list(missing)}")
-    unexpected = sorted(present - set(expected))
-    if unexpected:
-        raise ConversionError(f"{ckpt.directory}: {len(unexpected)} unexpected tensor(s): {name_list(unexpected)}")
+    check_names(ckpt, list(expected))
     for name, t in expected.items():
         entry = ckpt.entries[name]
         if entry.shape != t.hf_shape:
@@ -138,12 +132,18 @@ def converted_blocks(ckpt: HFCheckpoint, expected: dict[str, HFTensor], specs: d
             blocks = ((t.path, *block) for block in _row_blocks(src, specs[t.path], t.transpose))
         else:
             blocks = [(t.path, (), to_layout(src, False, specs[t.path].dtype))]
-        for path, index, value in blocks:
-            yield path, index, value
-            if progress is not None:
-                progress.update(value.nbytes)
-            interrupts.check()
+        yield from _reported(blocks, progress)
         del src
+
+
+def _reported(blocks: Iterable[checkpoint.Block], progress: Any) -> Iterator[checkpoint.Block]:
+    """`blocks`, each counted on the `progress` bar (if any) once yielded, with a pending
+    Ctrl-C raised between blocks (interrupts.check)."""
+    for path, index, value in blocks:
+        yield path, index, value
+        if progress is not None:
+            progress.update(value.nbytes)
+        interrupts.check()
 
 
 def load_hf_params(hf_dir: str | os.PathLike, config: BlueLMConfig, dtype: Optional[str] = None,
@@ -213,7 +213,7 @@ def convert_hf_to_flax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dt
         blocks = functools.partial(converted_blocks, ckpt, expected, specs, quantization=quantization)
         tensors = len(expected)
     else:
-        quantization, specs, blocks = _packed_conversion(ckpt, config, dtype, quantization)
+        quantization, specs, blocks = _packed_conversion(ckpt, config, dtype, quantization, packed)
         tensors = len(ckpt.entries)
     total_bytes = sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in specs.values())
 
@@ -237,13 +237,14 @@ def convert_hf_to_flax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dt
     return ConversionSummary(out_dir, tensors, parameters, total_bytes, stored, time.perf_counter() - start)
 
 
-def _packed_conversion(ckpt: HFCheckpoint, config: BlueLMConfig, dtype: str,
-                       quantization: Optional[Quantization]) -> tuple[Quantization, dict, Callable]:
-    """A GPTQ/AWQ checkpoint's conversion into its int4 tree (hf/quantized.py): (the tree's
-    quantization, the leaf specs, blocks(progress) yielding each leaf whole as it is read)."""
-    from bluelm_jax.hf.quantized import int4_quantization, int4_tree_leaves, read_quantization
+def _packed_conversion(ckpt: HFCheckpoint, config: BlueLMConfig, dtype: str, quantization: Optional[Quantization],
+                       packed: Any) -> tuple[Quantization, dict, Callable]:
+    """A GPTQ/AWQ checkpoint (`packed`: its packed_int4.QuantizationConfig) converted into its int4
+    tree (hf/quantized.py): (the tree's quantization, the leaf specs, blocks(progress) yielding each
+    leaf whole as it is read)."""
+    from bluelm_jax.hf.quantized import int4_quantization, int4_tree_leaves
 
-    tree = int4_quantization(ckpt, read_quantization(ckpt.directory))
+    tree = int4_quantization(ckpt, packed)
     if quantization not in (None, tree):
         raise ConversionError(f"{ckpt.directory}: a GPTQ/AWQ checkpoint converts to its own int4 "
                               f"({tree.describe()}), not to {quantization.kind}")
@@ -251,10 +252,7 @@ def _packed_conversion(ckpt: HFCheckpoint, config: BlueLMConfig, dtype: str,
              for leaf in leaves(config, KERNEL, tree)}
 
     def blocks(progress: Any = None) -> Iterator[checkpoint.Block]:
-        for path, value in int4_tree_leaves(ckpt, config, tree, dtype):
-            yield path, (), value
-            if progress is not None:
-                progress.update(value.nbytes)
-            interrupts.check()
+        leaves_read = int4_tree_leaves(ckpt, config, tree, dtype)
+        return _reported(((path, (), value) for path, value in leaves_read), progress)
 
     return tree, specs, blocks
