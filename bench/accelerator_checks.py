@@ -50,17 +50,11 @@ PRODUCT_SHAPES = {"7b": (11008, 4096), "tiny": (256, 128)}  # [out, in]
 
 
 def random_float_params(config: BlueLMConfig, seed: int = 0) -> dict:
-    """Random float32 parameters (std 0.02; q/k 0.08 for sharp attention; norms near one)."""
-    keys = iter(jax.random.split(jax.random.key(seed), 64))
-    tree: dict = {}
-    for leaf in P.leaves(config):
-        if leaf.path[-2].endswith("norm") or leaf.path[-2] == "embed_layer_norm":
-            value = 1.0 + 0.1 * jax.random.normal(next(keys), leaf.shape)
-        else:
-            std = 0.08 if leaf.path[-2] in ("q_proj", "k_proj") else 0.02
-            value = std * jax.random.normal(next(keys), leaf.shape)
-        P.set_path(tree, leaf.path, value.astype(jnp.float32))
-    return tree
+    """The random float32 parameters of the CPU tests (bench/reference.py: q/k weights large, for
+    sharp attention), on the default device."""
+    from bench.reference import params_from_hf, random_hf_weights
+
+    return params_from_hf(config, random_hf_weights(config, seed))
 
 
 def dequantized(params: dict) -> dict:

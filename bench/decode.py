@@ -45,6 +45,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import accelerator  # noqa: E402
 from bluelm_jax import decode  # noqa: E402
 from bluelm_jax import generate as G  # noqa: E402
 from bluelm_jax.config import BlueLMConfig  # noqa: E402
@@ -210,11 +211,6 @@ def weight_form(params: dict, config: BlueLMConfig, form: str) -> dict:
     return Q.quantize_params(copy, P.as_quantization(form, config))
 
 
-def weight_bytes_per_step(params: dict) -> int:
-    """Bytes a decode step reads of the weights: every leaf but the embedding table."""
-    return sum(leaf.nbytes for path, leaf in flatten(params) if path[:2] != ("model", "embed_tokens"))
-
-
 def compare_weight_forms(config: BlueLMConfig, params: dict, forms: list[str], batches: list[int], args,
                          bandwidth: float) -> None:
     """Decode tok/s of each weight form side by side, interleaved, with its ratio to the first
@@ -229,7 +225,7 @@ def compare_weight_forms(config: BlueLMConfig, params: dict, forms: list[str], b
                           args.statistic)
         cells = []
         for form, step in zip(forms, seconds):
-            roof = bandwidth / weight_bytes_per_step(models[form].params)  # steps per second
+            roof = bandwidth / accelerator.weight_bytes_per_step(models[form].params)  # steps per second
             cells.append(f"{batch / step:>13.1f} {seconds[0] / step:>8.2f}x {100 / step / roof:>4.0f}%")
         print(f"{batch:>5} | " + " | ".join(cells), flush=True)
 
