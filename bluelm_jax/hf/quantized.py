@@ -53,8 +53,9 @@ from bluelm_jax.hf.tensors import ConversionError, check_names, resolve_dtype, t
 QUANTIZE_CONFIG_FILE = "quantize_config.json"  # AutoGPTQ's own copy of the GPTQ settings
 PACKED_PARTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}
 OPTIONAL_PARTS = ("g_idx",)  # a GPTQ checkpoint without g_idx (older writers) groups rows as i // group_size
-FLOAT_DTYPES = ("float16", "bfloat16", "float32")
-PART_DTYPES = {"qweight": ("int32",), "qzeros": ("int32",), "scales": FLOAT_DTYPES, "g_idx": ("int32", "int64")}
+# the dtypes of what a packed checkpoint stores in floating point (embeddings, norms, scales)
+STORED_FLOAT_DTYPES = ("float16", "bfloat16", "float32")
+PART_DTYPES = {"qweight": ("int32",), "qzeros": ("int32",), "scales": STORED_FLOAT_DTYPES, "g_idx": ("int32", "int64")}
 
 
 # ------------------------------------------------------------------ quantization_config
@@ -136,7 +137,7 @@ def plan_tensors(ckpt: HFCheckpoint, config: BlueLMConfig, quantization: Quantiz
     plan = Plan(floats, projections)
     check_names(ckpt, sorted(plan.names()))
     for name, t in floats.items():
-        _check_entry(ckpt, name, t.hf_shape, FLOAT_DTYPES)
+        _check_entry(ckpt, name, t.hf_shape, STORED_FLOAT_DTYPES)
     for p in projections.values():
         shapes = packed_shapes(quantization, *p.in_out)
         for part in p.parts:
