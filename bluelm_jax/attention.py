@@ -66,15 +66,21 @@ def dequantize_kv(x: jax.Array, scale: jax.Array, dtype) -> jax.Array:
     return (x.astype(jnp.float32) * scale[..., None]).astype(dtype)
 
 
+def query_starts(start: jax.Array, seq: int) -> jax.Array:
+    """start as [batch, seq]: the first visible slot of each query (a [batch] start is every query's)."""
+    start = jnp.asarray(start, jnp.int32)
+    return jnp.broadcast_to(start[:, None], (start.shape[0], seq)) if start.ndim == 1 else start
+
+
 def attention_mask(query_slots: jax.Array, num_slots: int, start: jax.Array) -> jax.Array:
     """[batch, seq, num_slots] bool: slot s is visible to a query at slot q iff start <= s <= q.
 
-    query_slots: [seq] int32, start: [batch] int32
+    query_slots: [seq] int32, start: [batch] or [batch, seq] int32 (per row, or per query)
     """
     slots = jnp.arange(num_slots, dtype=jnp.int32)
     causal = slots[None, :] <= query_slots[:, None]  # [seq, num_slots]
-    after_padding = slots[None, :] >= start[:, None]  # [batch, num_slots]
-    return causal[None, :, :] & after_padding[:, None, :]
+    after_start = slots[None, None, :] >= query_starts(start, query_slots.shape[0])[:, :, None]
+    return causal[None, :, :] & after_start  # [batch, seq, num_slots]
 
 
 def _per_slot(scale: Optional[jax.Array]) -> Optional[jax.Array]:
@@ -122,7 +128,7 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset
     k_scale, v_scale [batch, kv_heads, slots] float32 (an int8 cache: each key block is
     converted to q's dtype unscaled, its scales applied to the block's scores and probabilities);
     q_offset: slot of the first query (a Python int, or a traced int32 scalar such as a
-    cache index); start: [batch] int32 first visible slot of each row.
+    cache index); start: [batch] int32 first visible slot of each row, or [batch, seq] of each query.
     Returns [batch, seq, heads, head_dim] in q's dtype. Rows whose queries see no key at
     all (left padding) come out as zeros.
 
@@ -140,13 +146,14 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset
     scale = 1.0 / math.sqrt(d)
     static = isinstance(q_offset, int)
     q_offset = jnp.asarray(q_offset, jnp.int32)
-    start = jnp.asarray(start, jnp.int32)
-    first_block = jnp.min(start) // bk  # key blocks wholly inside every row's padding are skipped
+    start = query_starts(start, t)  # [batch, seq]
+    first_block = jnp.min(start) // bk  # key blocks wholly before every query's start are skipped
 
     q = jnp.pad(q, ((0, 0), (0, nq * bq - t), (0, 0), (0, 0)))
     q = q.reshape(b, nq, bq, kv_heads, g, d).swapaxes(0, 1)  # [nq, batch, bq, kv_heads, group, head_dim]
+    start = jnp.pad(start, ((0, 0), (0, nq * bq - t))).reshape(b, nq, bq).swapaxes(0, 1)  # [nq, batch, bq]
 
-    def query_block(qi, qb):  # qb: [batch, bq, kv_heads, group, head_dim]
+    def query_block(qi, qb, start):  # qb: [batch, bq, kv_heads, group, head_dim], start: [batch, bq]
         q_slots = q_offset + qi * bq + jnp.arange(bq, dtype=jnp.int32)  # [bq]
         end_block = (q_offset + jnp.minimum((qi + 1) * bq, t) - 1) // bk + 1  # key blocks this block sees
 
@@ -158,7 +165,7 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset
             k_sblk, v_sblk = (None if x is None else _key_block(x, at, bk, jnp.float32) for x in (k_scale, v_scale))
             k_slots = at + jnp.arange(bk, dtype=jnp.int32)  # [bk]
             visible = ((k_slots[None, None, :] <= q_slots[None, :, None])
-                       & (k_slots[None, None, :] >= start[:, None, None])
+                       & (k_slots[None, None, :] >= start[:, :, None])
                        & (k_slots >= lo)[None, None, :])  # ... and slots before `lo` masked: [batch, bq, bk]
             visible = visible[:, None, None]  # [batch, 1, 1, bq, bk]
             s = jnp.einsum("bqkgd,bksd->bkgqs", qb, kblk, preferred_element_type=jnp.float32) * scale
@@ -188,7 +195,7 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset
 
     if static:
         query_block = jax.checkpoint(query_block)
-    out = jax.lax.map(lambda args: query_block(*args), (jnp.arange(nq, dtype=jnp.int32), q))
+    out = jax.lax.map(lambda args: query_block(*args), (jnp.arange(nq, dtype=jnp.int32), q, start))
     out = out.swapaxes(0, 1).reshape(b, nq * bq, h, d)  # [batch, nq * bq, heads, head_dim]
     return out[:, :t]
 
@@ -271,20 +278,25 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset, start:
     q: [batch, seq, heads, head_dim]; k, v: [batch, kv_heads, slots, head_dim] (slots = seq
     without a cache, the cache length with one), or an int8 cache's int8 k, v with their
     k_scale, v_scale [batch, kv_heads, slots]; q_offset: 0 (Python int) without a cache,
-    the traced cache index with one; start: [batch] int32.
+    the traced cache index with one; start: [batch] int32, or [batch, seq] (each query's own
+    first slot: packed rows, several sequences one after another, each query seeing only its own).
     implementation "auto": dense scores when seq * slots <= CHUNKED_THRESHOLD (and, with a
     cache, slots <= DENSE_MAX_CACHE_SLOTS: a long cache is read only up to its filled part); otherwise,
     for a prefill, the platform kernel (cuDNN / Pallas TPU) on a fresh sequence (q_offset
-    == 0; with a cache this is decided at run time by `lax.cond`), else `chunked_attention`.
-    "dense", "chunked", "cudnn", "pallas" force one (the last two need a fresh prefill).
+    == 0; with a cache this is decided at run time by `lax.cond`; never for a [batch, seq] start),
+    else `chunked_attention`. "dense", "chunked", "cudnn", "pallas" force one (the last two need a
+    fresh prefill and a [batch] start).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r} (known: {', '.join(IMPLEMENTATIONS)})")
     seq, slots = q.shape[1], k.shape[2]
     with_cache = not isinstance(q_offset, int)
+    per_query = jnp.ndim(start) == 2
+    if per_query and implementation in ("cudnn", "pallas"):
+        raise ValueError(f"the {implementation} kernel takes one start per row, not one per query")
     if implementation == "auto":
         long_cache = with_cache and slots > DENSE_MAX_CACHE_SLOTS
-        kernel = platform_kernel(jax.default_backend(), q.dtype, seq, q.shape[-1]) if seq > 1 else None
+        kernel = platform_kernel(jax.default_backend(), q.dtype, seq, q.shape[-1]) if seq > 1 and not per_query else None
         if seq * slots <= CHUNKED_THRESHOLD and not long_cache:
             implementation = "dense"
         elif kernel is not None:

@@ -238,7 +238,7 @@ class Context(NamedTuple):
     sin: jax.Array  # [batch, seq, head_dim // 2] float32
     cos: jax.Array
     index: jax.Array  # [] int32: the cache slot of the first new token (0 without a cache)
-    start: jax.Array  # [batch] int32: first valid slot of each row
+    start: jax.Array  # [batch] int32: first valid slot of each row ([batch, seq]: of each query, no cache)
     q_offset: Any  # 0 (a Python int: static) without a cache, else `index`
     attention_impl: str
     adapters: Optional[Adapters]
@@ -507,7 +507,8 @@ class BlueLMForCausalLM(nnx.Module):
         """Logits of the next token at every position (or only the last with `last_only`).
 
         tokens, positions: [batch, seq] int32.
-        Without a cache, attention is causal over `tokens`, with keys before `start[b]` masked.
+        Without a cache, attention is causal over `tokens`, with keys before `start[b]` masked
+        (or, with start [batch, seq], each query's keys before its own start[b, t]: packed rows).
         With a cache, the new keys/values go to slots [index, index + seq), each query sees
         slots start[b] .. its own, and the returned cache has index + seq.
         `adapters` adds LoRA terms to the projections they name; `remat` recomputes each layer's

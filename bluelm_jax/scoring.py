@@ -2,20 +2,28 @@
 
     loglikelihood(model, [(context, continuation), ...])  -> [Score(logprob, is_greedy, tokens)]
     loglikelihood_rolling(model, text, window=None, stride=None) -> RollingScore
+    rolling_loglikelihoods(model, [text, ...], ...)        -> [RollingScore] (windows of all batched)
 
-Both reduce to `token_logprobs`: for each token sequence, log p(ids[i+1] | ids[:i+1]) and
-whether ids[i+1] is the argmax there, from one causal forward pass per row in float32
-log-softmax. Rows are grouped by their padded length (`score_width`: a multiple of 64 tokens
-up to 1,024, the prompt bucket beyond, as planning.bucket_length gives) and run in
-batches of `batch_size` rows, a smaller last batch padded with empty rows to a power of two,
-so one width compiles at most log2(batch_size) + 2 programs, whatever the lengths within it;
-`TRACE_COUNTS["scoring"]` counts the traces. Padding goes on the
-right: attention is causal, so it changes no scored position.
+All reduce to `token_logprobs`: for each token sequence, log p(ids[i+1] | ids[:i+1]) and
+whether ids[i+1] is the argmax there, for the positions asked for (`scored_from`), from one
+causal forward pass in float32 (log-probabilities as logit - logsumexp).
+
+How rows run (`pack_rows`): rows of up to PACKED_UP_TO tokens are packed, one after another,
+into rows of one width (the longest such row's `score_width`, at least MIN_PACK_WIDTH), best
+fit, longest first; each token's position restarts at its own sequence's start and it attends
+only within its own sequence (a per-query `start`, attention.py), so a packed row scores
+exactly what its sequences would alone, with next to no padding. Longer rows run alone at their
+`score_width`. The language-model head and the log-softmax run only at the positions scored
+(the continuation, for loglikelihood), gathered `scored_width` a row and at most SCORED_CHUNK
+at a time, so a 32K window never builds a [32K, vocab] table. Rows run in batches of
+`batch_size`, a smaller last batch padded with empty rows to a power of two; a program is
+compiled per (width, scored width, batch rows) and reused for every batch of that shape:
+`TRACE_COUNTS["scoring"]` counts the traces.
 
 Texts are tokenized as lm-evaluation-harness does for a causal model: the context with `<s>`
 in front, and the continuation as the tokens that context + continuation has beyond the
 context's own (so a word split across the boundary is scored as the model would read it).
-A row longer than the model's context keeps its last `context_length` tokens.
+A row longer than `max_length` (default: the model's context) keeps its last `max_length` tokens.
 
 Rolling log-likelihood scores a document in windows of `window` tokens (default: the model's
 context) that start every `stride` tokens (default: half a window), so that each window after
@@ -26,6 +34,7 @@ scored exactly as `token_logprobs` of the whole.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import functools
@@ -37,12 +46,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bluelm_jax.model import forward
+from bluelm_jax.model import build
 from bluelm_jax.planning import bucket_length
 
 TRACE_COUNTS: collections.Counter = collections.Counter()  # "scoring" -> traces of the compiled scorer
 WIDTH_QUANTUM = 64  # rows up to FINE_WIDTHS_UP_TO tokens are padded to a multiple of this
 FINE_WIDTHS_UP_TO = 1024
+PACKED_UP_TO = 1024  # rows of at most this many tokens are packed together (dense attention)
+MIN_PACK_WIDTH = 256  # packed rows are at least this wide
+SCORED_CHUNK = 512  # the head and log-softmax run on at most this many positions of a row at once
 Text = Union[str, Sequence[int]]
 
 
@@ -73,20 +85,146 @@ class RollingScore:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "compute_dtype", "top_k", "pieces"))
-def _score_batch(params: dict, tokens: jax.Array, config, compute_dtype, top_k: int = 0,
-                 pieces: Optional[int] = None) -> tuple[jax.Array, ...]:
-    """tokens [batch, width] -> (log p(tokens[:, 1:]) [batch, width - 1] float32, greedy [batch, width - 1]),
-    and with top_k > 0 the top_k log-probabilities and ids among the first `pieces` ids at each
-    position ([batch, width - 1, top_k] each)."""
+def _score_rows(params: dict, tokens: jax.Array, positions: jax.Array, start: jax.Array, at: jax.Array,
+                targets: jax.Array, config, compute_dtype, top_k: int = 0,
+                pieces: Optional[int] = None) -> tuple[jax.Array, ...]:
+    """The scores of (packed) rows at chosen positions.
+
+    tokens, positions, start: [rows, width] int32 (start: the first slot each token attends to);
+    at, targets: [rows, scored] int32: the positions whose next-token distribution is scored,
+    and the token scored there. Returns (log p(target) [rows, scored] float32, target is the
+    argmax [rows, scored] bool), and with top_k > 0 the top_k log-probabilities and ids among the
+    first `pieces` ids ([rows, scored, top_k] each).
+    """
     TRACE_COUNTS["scoring"] += 1
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    logits, _ = forward(params, tokens, positions, config, compute_dtype=compute_dtype)  # [batch, width, vocab]
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = tokens[:, 1:]  # [batch, width - 1]
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-    found = (chosen, jnp.argmax(logits, axis=-1) == targets)
-    return found + tuple(jax.lax.top_k(logprobs[..., :pieces], top_k)) if top_k else found
+    module = build(config, params, compute_dtype)
+    hidden, _ = module.model(tokens, positions, None, start, None, False, "auto")  # [rows, width, hidden]
+
+    def score(at: jax.Array, targets: jax.Array) -> tuple[jax.Array, ...]:  # at, targets: [rows, chunk]
+        x = jnp.take_along_axis(hidden, at[..., None], axis=1)  # [rows, chunk, hidden]
+        logits = module.lm_head(x).astype(jnp.float32)  # [rows, chunk, vocab]
+        normalizer = jax.nn.logsumexp(logits, axis=-1)  # [rows, chunk]
+        chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - normalizer
+        found = (chosen, jnp.argmax(logits, axis=-1) == targets)
+        if not top_k:
+            return found
+        top, ids = jax.lax.top_k(logits[..., :pieces], top_k)
+        return found + (top - normalizer[..., None], ids)
+
+    rows, scored = at.shape
+    if scored <= SCORED_CHUNK:
+        return score(at, targets)
+    chunks = (x.reshape(rows, scored // SCORED_CHUNK, SCORED_CHUNK).swapaxes(0, 1) for x in (at, targets))
+    found = jax.lax.map(lambda args: score(*args), tuple(chunks))  # each [chunks, rows, SCORED_CHUNK, ...]
+    return tuple(x.swapaxes(0, 1).reshape(rows, scored, *x.shape[3:]) for x in found)
+
+
+def score_width(n: int) -> int:
+    """The padded length a row of n tokens is scored at: a multiple of WIDTH_QUANTUM up to
+    FINE_WIDTHS_UP_TO (short rows, where the quantum wastes little and there are few widths),
+    the prompt bucket (a power of two) beyond."""
+    if n <= FINE_WIDTHS_UP_TO:
+        return -(-n // WIDTH_QUANTUM) * WIDTH_QUANTUM
+    return bucket_length(n)
+
+
+def scored_width(n: int) -> int:
+    """The padded number of scored positions of a row that scores n: a power of two (at least 8)
+    up to SCORED_CHUNK, a multiple of it beyond."""
+    if n <= SCORED_CHUNK:
+        return max(8, 1 << (n - 1).bit_length())
+    return -(-n // SCORED_CHUNK) * SCORED_CHUNK
+
+
+def pack_rows(lengths: Sequence[int]) -> list[tuple[int, list[int]]]:
+    """(width, the indices of the rows it holds, in order) for each row run: rows of up to
+    PACKED_UP_TO tokens packed into rows of one width by best fit, longest first; longer rows
+    alone at their score_width (module docstring)."""
+    short = sorted((i for i, n in enumerate(lengths) if n <= PACKED_UP_TO), key=lambda i: -lengths[i])
+    runs = [(score_width(lengths[i]), [i]) for i, n in enumerate(lengths) if n > PACKED_UP_TO]
+    if not short:
+        return runs
+    width = max(MIN_PACK_WIDTH, score_width(lengths[short[0]]))
+    packed: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free tokens, packed row), sorted
+    for i in short:
+        at = bisect.bisect_left(room, (lengths[i], -1))  # the fullest row it fits in
+        if at == len(room):
+            packed.append([i])
+            free, row = width - lengths[i], len(packed) - 1
+        else:
+            free, row = room.pop(at)
+            packed[row].append(i)
+            free -= lengths[i]
+        bisect.insort(room, (free, row))
+    return [(width, members) for members in packed] + runs
+
+
+def token_logprobs(model, rows: Sequence[Sequence[int]], batch_size: int = 8, progress: bool = False,
+                   scored_from: Optional[Sequence[int]] = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each id sequence (at least 2 ids, at most the model's context): (log p(ids[i+1] | ids[:i+1]),
+    is ids[i+1] the argmax), float32 and bool arrays over the ids from scored_from[row] on (default 1:
+    all but the first, n - 1 entries). Rows run packed, in batches of `batch_size` (module docstring);
+    `progress` shows a bar of the tokens scored (stderr)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    limit = model.config.context_length
+    scored_from = [1] * len(rows) if scored_from is None else list(scored_from)
+    for i, row in enumerate(rows):
+        if not 2 <= len(row) <= limit:
+            raise ValueError(f"row {i} has {len(row)} tokens: scoring needs 2 to {limit} (the model's context)")
+        if not 1 <= scored_from[i] < len(row):
+            raise ValueError(f"row {i}: scoring from token {scored_from[i]} of {len(row)}")
+    runs = pack_rows([len(row) for row in rows])
+    scored = [sum(len(rows[i]) - scored_from[i] for i in members) for _, members in runs]
+    by_shape: dict[tuple[int, int], list[int]] = collections.defaultdict(list)  # (width, scored width) -> runs
+    for r, (width, _) in enumerate(runs):
+        by_shape[width, scored_width(scored[r])].append(r)
+    found: list = [None] * len(rows)
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(scored), unit="tok", desc="scoring", disable=not progress, file=sys.stderr)
+    for (width, scored_positions), members in sorted(by_shape.items()):
+        for at in range(0, len(members), batch_size):
+            batch = [runs[r][1] for r in members[at:at + batch_size]]
+            arrays = _batch_arrays(rows, scored_from, batch, width, scored_positions, batch_size,
+                                   model.config.pad_token_id)
+            chosen, greedy = jax.device_get(_score_rows(model.params, *map(jnp.asarray, arrays), model.config,
+                                                        jnp.dtype(model.compute_dtype)))
+            for r, members_of_row in enumerate(batch):
+                offset = 0
+                for i in members_of_row:
+                    n = len(rows[i]) - scored_from[i]
+                    found[i] = (chosen[r, offset:offset + n], greedy[r, offset:offset + n])
+                    offset += n
+                bar.update(offset)
+    bar.close()
+    return found
+
+
+def _batch_arrays(rows, scored_from, batch: list[list[int]], width: int, scored_positions: int,
+                  batch_size: int, pad: int) -> tuple[np.ndarray, ...]:
+    """The inputs of _score_rows for a batch of runs (each the rows packed in one row), padded with
+    empty rows to a power of two (or batch_size): tokens, positions, start [n, width], at, targets
+    [n, scored_positions]. Padding tokens attend only to themselves; padding positions score id 0."""
+    n = min(batch_size, 1 << (len(batch) - 1).bit_length())
+    tokens = np.full((n, width), pad, np.int32)
+    positions = np.zeros((n, width), np.int32)
+    start = np.broadcast_to(np.arange(width, dtype=np.int32), (n, width)).copy()
+    at = np.zeros((n, scored_positions), np.int32)
+    targets = np.zeros((n, scored_positions), np.int32)
+    for r, members in enumerate(batch):
+        offset, filled = 0, 0
+        for i in members:
+            ids, first = rows[i], scored_from[i]
+            length, count = len(ids), len(ids) - scored_from[i]
+            tokens[r, offset:offset + length] = ids
+            positions[r, offset:offset + length] = np.arange(length)
+            start[r, offset:offset + length] = offset
+            at[r, filled:filled + count] = np.arange(offset + first - 1, offset + length - 1)
+            targets[r, filled:filled + count] = ids[first:]
+            offset, filled = offset + length, filled + count
+    return tokens, positions, start, at, targets
 
 
 @dataclasses.dataclass
@@ -106,58 +244,12 @@ def top_logprobs(model, ids: Sequence[int], k: int) -> TokenScores:
     n = len(ids)
     if not 2 <= n <= model.config.context_length:
         raise ValueError(f"a sequence of {n} tokens: scoring needs 2 to {model.config.context_length}")
-    tokens = np.full((1, score_width(n)), model.config.pad_token_id, np.int32)  # [1, width]
-    tokens[0, :n] = ids
+    arrays = _batch_arrays([list(ids)], [1], [[0]], score_width(n), scored_width(n - 1), 1,
+                           model.config.pad_token_id)
     pieces = min(model.config.vocab_size, model.tokenizer.vocab_size)
-    chosen, _, top_lp, top_ids = jax.device_get(_score_batch(model.params, jnp.asarray(tokens), model.config,
-                                                             jnp.dtype(model.compute_dtype), max(k, 1), pieces))
+    chosen, _, top_lp, top_ids = jax.device_get(_score_rows(model.params, *map(jnp.asarray, arrays), model.config,
+                                                            jnp.dtype(model.compute_dtype), max(k, 1), pieces))
     return TokenScores(chosen[0, :n - 1], top_ids[0, :n - 1, :k], top_lp[0, :n - 1, :k])
-
-
-def score_width(n: int) -> int:
-    """The padded length a row of n tokens is scored at: a multiple of WIDTH_QUANTUM up to
-    FINE_WIDTHS_UP_TO (short rows, where the quantum wastes little and there are few widths),
-    the prompt bucket (a power of two) beyond."""
-    if n <= FINE_WIDTHS_UP_TO:
-        return -(-n // WIDTH_QUANTUM) * WIDTH_QUANTUM
-    return bucket_length(n)
-
-
-def token_logprobs(model, rows: Sequence[Sequence[int]], batch_size: int = 8,
-                   progress: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
-    """For each id sequence (at least 2 ids, at most the model's context): (log p(ids[i+1] | ids[:i+1])
-    [n - 1] float32, is ids[i+1] the argmax [n - 1] bool). Rows run in batches of `batch_size` per
-    prompt bucket (module docstring); `progress` shows a bar of the tokens scored (stderr)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    limit = model.config.context_length
-    for i, row in enumerate(rows):
-        if not 2 <= len(row) <= limit:
-            raise ValueError(f"row {i} has {len(row)} tokens: scoring needs 2 to {limit} (the model's context)")
-    by_bucket: dict[int, list[int]] = collections.defaultdict(list)
-    for i, row in enumerate(rows):
-        by_bucket[score_width(len(row))].append(i)
-    found: list = [None] * len(rows)
-    pad = model.config.pad_token_id
-    from tqdm import tqdm
-
-    bar = tqdm(total=sum(len(row) - 1 for row in rows), unit="tok", desc="scoring", disable=not progress,
-               file=sys.stderr)
-    for width, members in sorted(by_bucket.items()):
-        for at in range(0, len(members), batch_size):
-            batch = members[at:at + batch_size]
-            rows_in_batch = min(batch_size, 1 << (len(batch) - 1).bit_length())  # a power of two (or batch_size)
-            tokens = np.full((rows_in_batch, width), pad, np.int32)  # [rows, width]: empty rows pad the batch
-            for r, i in enumerate(batch):
-                tokens[r, :len(rows[i])] = rows[i]
-            chosen, greedy = jax.device_get(_score_batch(model.params, jnp.asarray(tokens), model.config,
-                                                         jnp.dtype(model.compute_dtype)))
-            for r, i in enumerate(batch):
-                n = len(rows[i]) - 1
-                found[i] = (chosen[r, :n], greedy[r, :n])
-                bar.update(n)
-    bar.close()
-    return found
 
 
 def encode_pair(model, context: Text, continuation: Text) -> tuple[list[int], list[int]]:
@@ -174,10 +266,14 @@ def encode_pair(model, context: Text, continuation: Text) -> tuple[list[int], li
     return context_ids, model.tokenizer.encode(continuation, add_bos=False)  # the boundary merged: score it alone
 
 
-def loglikelihood(model, requests: Sequence[tuple[Text, Text]], batch_size: int = 8) -> list[Score]:
-    """The log-likelihood of each continuation after its context (texts or id lists), in order."""
+def loglikelihood(model, requests: Sequence[tuple[Text, Text]], batch_size: int = 8,
+                  max_length: Optional[int] = None) -> list[Score]:
+    """The log-likelihood of each continuation after its context (texts or id lists), in order; a
+    pair longer than max_length (default: the model's context) keeps its last max_length tokens."""
+    limit = model.config.context_length if max_length is None else max_length
+    if not 2 <= limit <= model.config.context_length:
+        raise ValueError(f"max_length must be in [2, {model.config.context_length}], got {max_length}")
     rows, lengths = [], []
-    limit = model.config.context_length
     for i, (context, continuation) in enumerate(requests):
         context_ids, continuation_ids = encode_pair(model, context, continuation)
         if not continuation_ids:
@@ -187,13 +283,12 @@ def loglikelihood(model, requests: Sequence[tuple[Text, Text]], batch_size: int 
         row = (context_ids + continuation_ids)[-limit:]
         if len(continuation_ids) >= len(row):
             raise ValueError(f"request {i}: a continuation of {len(continuation_ids)} tokens leaves no context "
-                             f"within the model's {limit}")
+                             f"within {limit} tokens")
         rows.append(row)
         lengths.append(len(continuation_ids))
-    scores = []
-    for (chosen, greedy), n in zip(token_logprobs(model, rows, batch_size), lengths):
-        scores.append(Score(float(np.sum(chosen[-n:], dtype=np.float64)), bool(np.all(greedy[-n:])), n))
-    return scores
+    found = token_logprobs(model, rows, batch_size, scored_from=[len(row) - n for row, n in zip(rows, lengths)])
+    return [Score(float(np.sum(chosen, dtype=np.float64)), bool(np.all(greedy)), n)
+            for (chosen, greedy), n in zip(found, lengths)]
 
 
 def rolling_windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -209,20 +304,33 @@ def rolling_windows(n: int, window: int, stride: int) -> list[tuple[int, int, in
     return windows
 
 
-def loglikelihood_rolling(model, text: Text, window: Optional[int] = None, stride: Optional[int] = None,
-                          batch_size: int = 8, progress: bool = False) -> RollingScore:
-    """A document's log-likelihood (text with `<s>` in front, or ids as they are) over overlapping windows
-    of `window` tokens every `stride` tokens (module docstring)."""
-    ids = model.tokenizer.encode(text, add_bos=True) if isinstance(text, str) else list(text)
+def rolling_loglikelihoods(model, texts: Sequence[Text], window: Optional[int] = None,
+                           stride: Optional[int] = None, batch_size: int = 8,
+                           progress: bool = False) -> list[RollingScore]:
+    """Each document's log-likelihood (a text with `<s>` in front, or ids as they are) over overlapping
+    windows of `window` tokens every `stride` tokens (module docstring); the windows of all the
+    documents run together."""
     window = model.config.context_length if window is None else window
     stride = window // 2 if stride is None else stride
     if not 2 <= window <= model.config.context_length:
         raise ValueError(f"window must be in [2, {model.config.context_length}], got {window}")
-    if len(ids) < 2:
-        raise ValueError("the document has no token to score after <s>")
-    windows = rolling_windows(len(ids), window, stride)
-    results = token_logprobs(model, [ids[start:end] for start, end, _ in windows], batch_size, progress)
-    total = 0.0
-    for (start, end, first), (chosen, _) in zip(windows, results):
-        total += float(np.sum(chosen[first - start - 1:], dtype=np.float64))  # chosen[j] predicts ids[start + j + 1]
-    return RollingScore(total, len(ids) - 1)
+    documents = [model.tokenizer.encode(text, add_bos=True) if isinstance(text, str) else list(text)
+                 for text in texts]
+    rows, scored_from, owners = [], [], []
+    for d, ids in enumerate(documents):
+        if len(ids) < 2:
+            raise ValueError(f"document {d} has no token to score after <s>")
+        for start, end, first in rolling_windows(len(ids), window, stride):
+            rows.append(ids[start:end])
+            scored_from.append(first - start)
+            owners.append(d)
+    totals = [0.0] * len(documents)
+    for d, (chosen, _) in zip(owners, token_logprobs(model, rows, batch_size, progress, scored_from)):
+        totals[d] += float(np.sum(chosen, dtype=np.float64))
+    return [RollingScore(total, len(ids) - 1) for total, ids in zip(totals, documents)]
+
+
+def loglikelihood_rolling(model, text: Text, window: Optional[int] = None, stride: Optional[int] = None,
+                          batch_size: int = 8, progress: bool = False) -> RollingScore:
+    """One document's rolling log-likelihood (rolling_loglikelihoods)."""
+    return rolling_loglikelihoods(model, [text], window, stride, batch_size, progress)[0]

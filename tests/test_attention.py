@@ -141,6 +141,26 @@ def test_dispatch():
     assert A.platform_kernel("gpu", jnp.float32, 4096, 128) is None  # cuDNN flash needs 16-bit inputs
 
 
+@pytest.mark.parametrize("implementation,block", [("dense", 512), ("chunked", 64)])
+def test_packed_sequences_attend_only_within_themselves(implementation, block):
+    """A row holding sequences of 70, 130 and 56 tokens one after another, with each query's start at
+    its own sequence's first slot: each sequence's outputs equal those of that sequence alone."""
+    config = preset("tiny-gqa")
+    lengths = (70, 130, 56)
+    q, k, v = rotated_qkv(config, 1, sum(lengths), sum(lengths), first_position=0)
+    offsets = np.cumsum((0,) + lengths)
+    start = jnp.asarray(np.repeat(offsets[:-1], lengths)[None, :], jnp.int32)  # [1, seq]
+    if implementation == "dense":
+        packed = A.attention(q, k, v, 0, start, "dense")
+    else:
+        packed = A.chunked_attention(q, k, v, 0, start, block_q=block, block_k=block)
+    for lo, hi in zip(offsets[:-1], offsets[1:]):
+        alone = dense_attention(q[:, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], 0, jnp.zeros((1,), jnp.int32))
+        np.testing.assert_allclose(packed[:, lo:hi], alone, atol=2e-5)
+    with pytest.raises(ValueError, match="one start per row"):
+        A.attention(q, k, v, 0, start, "cudnn")
+
+
 @pytest.mark.parametrize("name,seq,pad", [("tiny-32k", 4096, 300)])
 def test_model_logits_chunked_equal_dense(name, seq, pad):
     """Whole-model logits with chunked and dense attention, left-padded, plain and ntkmixed rotary."""

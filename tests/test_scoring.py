@@ -85,15 +85,38 @@ def test_rolling_windows_score_every_token_once_with_overlapping_context(hf_chec
     assert abs(rolled.logprob - whole.logprob) > 1e-3  # less context per token: a different number
 
 
-def test_one_compilation_per_width_and_batch_rows(hf_checkpoint):
+def test_documents_roll_together_and_long_rows_score_in_chunks(hf_checkpoint):
+    """Two documents in one call: a 1,100-token one (a row of its own, its 1,099 scored positions
+    through the head SCORED_CHUNK at a time) and a 60-token one, each equal to the reference's."""
+    config = preset("tiny")
+    model = bluelm_jax.load(hf_checkpoint("tiny"))
+    reference = reference_model(config, random_hf_weights(config, seed=0))
+    rng = np.random.default_rng(8)
+    documents = [[config.bos_token_id] + rng.integers(4, config.vocab_size, n - 1).tolist() for n in (1100, 60)]
+    scores = scoring.rolling_loglikelihoods(model, documents, batch_size=2)
+    for ids, score in zip(documents, scores):
+        assert score.tokens == len(ids) - 1
+        assert abs(score.logprob - float(_reference_logprobs(reference, ids)[0].sum())) < 1e-3 * len(ids) / 100
+
+
+def test_packing_puts_short_rows_together_best_fit_longest_first():
+    runs = scoring.pack_rows([100, 200, 30, 1500, 60, 250, 90])
+    assert runs == [(256, [5]), (256, [1, 2]), (256, [0, 6, 4]), (2048, [3])]  # 60 goes where 66 is free, not 56
+    assert scoring.pack_rows([700, 20]) == [(704, [0]), (704, [1])]
+    assert [scoring.scored_width(n) for n in (1, 8, 9, 300, 512, 513, 1100)] == [8, 8, 16, 512, 512, 1024, 1536]
+
+
+def test_one_compilation_per_shape(hf_checkpoint):
+    """Batches of the same shape (width, scored width, rows) reuse one program, whatever the lengths
+    packed in them; a new width compiles once."""
     model = bluelm_jax.load(hf_checkpoint("tiny"))
     rng = np.random.default_rng(0)
-    rows = lambda *lengths: [rng.integers(4, 600, n).tolist() for n in lengths]  # noqa: E731
-    scoring.token_logprobs(model, rows(40, 50, 60), batch_size=4)  # width 64
+    pairs = lambda *lengths: [(rng.integers(4, 600, n).tolist(), [5, 6, 7]) for n in lengths]  # noqa: E731
+    scoring.loglikelihood(model, pairs(140, 90, 200, 37), batch_size=2)  # packed [203, 40], [143, 93]: one batch
     before = scoring.TRACE_COUNTS["scoring"]
-    scoring.token_logprobs(model, rows(33, 64, 45, 61, 50, 39, 40), batch_size=4)  # width 64 again, two batches
+    scoring.loglikelihood(model, pairs(150, 160, 170, 180, 20, 50), batch_size=2)  # four packed rows: two batches
     assert scoring.TRACE_COUNTS["scoring"] == before
-    scoring.token_logprobs(model, rows(700, 690), batch_size=4)  # width 704, two rows (used nowhere else): one more
+    scoring.loglikelihood(model, pairs(300, 310), batch_size=2)  # width 320
     assert scoring.TRACE_COUNTS["scoring"] == before + 1
 
 
