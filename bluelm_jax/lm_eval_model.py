@@ -1,7 +1,16 @@
-"""An lm-evaluation-harness model backed by bluelm-jax, registered as "bluelm-jax".
+"""An lm-evaluation-harness model backed by bluelm-jax, registered as "bluelm-jax" on import.
 
-    lm_eval --model bluelm-jax --model_args pretrained=DIR,batch_size=8,mesh=tensor=8 --tasks ...
     python -m bluelm_jax eval --model DIR --tasks ...       (bluelm_jax/eval_cli.py)
+
+    import lm_eval, bluelm_jax.lm_eval_model                # registers "bluelm-jax"
+    lm_eval.simple_evaluate(model="bluelm-jax", model_args="pretrained=DIR,batch_size=8", tasks=[...])
+
+The harness's own `lm_eval --model bluelm-jax` cannot find it: lm_eval 0.4.13 discovers models
+only through its built-in table (lm_eval/models/__init__.py) and modules imported in the same
+process, with no entry-point or plugin hook. Importing this module first imports lm_eval.models,
+whose table the registry otherwise fills only while it is empty: registering "bluelm-jax" into an
+empty registry would hide every built-in model ("hf", "local-completions", ...) from
+simple_evaluate in this process.
 
 model_args: pretrained (a model path or Hub id; default the bundled default model), batch_size
 (rows per compiled batch; "auto" means the default 8), mesh (a spec such as "data=1,tensor=8"),
@@ -10,7 +19,7 @@ read, at most its context). The harness's own `device` and `max_batch_size` are 
 unused: the mesh says where the model runs.
 
 loglikelihood and loglikelihood_rolling are scoring.loglikelihood and
-scoring.loglikelihood_rolling (tokenized as the harness does for causal models; rows longer than
+scoring.loglikelihood_rolling (tokenized by scoring.encode_pair, `<s>` first; rows longer than
 max_length keep their last max_length tokens). generate_until runs generate.generate on batches
 of requests with the same generation arguments: greedy unless a request sets do_sample, at most
 `max_gen_toks` new tokens (default 256) after the prompt's last max_length - max_gen_toks tokens,
@@ -24,6 +33,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
+import lm_eval.models  # noqa: F401 - the harness's own models, registered before ours (module docstring)
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
