@@ -15,7 +15,8 @@ simple_evaluate in this process.
 model_args: pretrained (a model path or Hub id; default the bundled default model), batch_size
 (rows per compiled batch; "auto" means the default 8), mesh (a spec such as "data=1,tensor=8"),
 quantize ("int8" / "int4"), dtype ("float32" / "bfloat16"), max_length (tokens the model may
-read, at most its context). The harness's own `device` and `max_batch_size` are accepted and
+read, at most its context), kv_cache_dtype ("auto" / "int8": generate_until's KV cache, as
+generate.generate takes it). The harness's own `device` and `max_batch_size` are accepted and
 unused: the mesh says where the model runs.
 
 loglikelihood and loglikelihood_rolling are scoring.loglikelihood and
@@ -60,8 +61,11 @@ class BlueLMJax(LM):
 
     def __init__(self, pretrained: Optional[str] = None, batch_size=DEFAULT_BATCH_SIZE, mesh: Optional[str] = None,
                  quantize: Optional[str] = None, dtype: Optional[str] = None, max_length=None, model=None,
-                 device=None, max_batch_size=None):
+                 kv_cache_dtype: Optional[str] = None, device=None, max_batch_size=None):
         super().__init__()
+        from bluelm_jax.decode import kv_cache_dtype_name
+
+        self.kv_cache_dtype = kv_cache_dtype_name(kv_cache_dtype)  # checked before a model loads
         if model is None:
             from bluelm_jax.cli import _load
 
@@ -121,7 +125,8 @@ class BlueLMJax(LM):
         """generate()'s keyword arguments for a request's gen_kwargs."""
         until = gen_kwargs.get("until") or []
         settings = {"stop": [until] if isinstance(until, str) else list(until),
-                    "max_new_tokens": int(gen_kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)), "temperature": 0.0}
+                    "max_new_tokens": int(gen_kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)), "temperature": 0.0,
+                    "kv_cache_dtype": self.kv_cache_dtype}
         if gen_kwargs.get("do_sample"):
             settings.update(temperature=float(gen_kwargs.get("temperature", 1.0)),
                             top_p=float(gen_kwargs.get("top_p", 1.0)), top_k=int(gen_kwargs.get("top_k", 0)))

@@ -155,6 +155,26 @@ def test_generate_until_stops_before_the_until_string(lm):
     assert by_string == full[:full.index("France")]
 
 
+def test_generate_until_uses_the_kv_cache_dtype(lm, monkeypatch):
+    from bluelm_jax import generate as generate_module
+
+    question = "What is the capital of France?"
+    int8 = generate_module.generate(lm.model, question, max_new_tokens=8, kv_cache_dtype="int8").texts[0]
+    caches = []
+
+    def recording(model, prompts, **settings):
+        caches.append(settings.get("kv_cache_dtype"))
+        return real(model, prompts, **settings)
+
+    real = generate_module.generate
+    monkeypatch.setattr(generate_module, "generate", recording)
+    quantized = BlueLMJax(model=lm.model, kv_cache_dtype="int8")
+    (found,) = quantized.generate_until([Instance("generate_until", {}, (question, {"max_gen_toks": 8}), 0)])
+    assert found == int8 and caches == ["int8"]
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, int8"):
+        BlueLMJax(model=lm.model, kv_cache_dtype="int4")
+
+
 def test_loglikelihood_rolling_is_the_documents_summed_logprob(lm):
     text = "The capital of Japan is Tokyo. There are seven days in a week."
     (found,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
@@ -186,10 +206,15 @@ def test_eval_command_prints_the_table_and_writes_the_results(task_dir, tmp_path
     assert json.loads(out.read_text())["results"]["tiny_ceval_texts"]["acc,none"] == 1.0
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--tasks", "tiny_ceval_texts", "--include-path", "/nonexistent/tasks"], "not a directory"),
+@pytest.mark.parametrize("argv, status, message", [
+    (["--tasks", "tiny_ceval_texts", "--include-path", "/nonexistent/tasks"], 1, "not a directory"),
+    (["--tasks", "tiny_ceval_texts", "--kv-cache-dtype", "int4"], 2,
+     "argument --kv-cache-dtype: invalid choice: 'int4'"),
 ])
-def test_eval_command_refuses_bad_input_in_one_line(argv, message, task_dir, capsys):
-    status = cli.main(["eval", *argv])
+def test_eval_command_refuses_bad_input_in_one_line(argv, status, message, task_dir, capsys):
+    try:
+        found = cli.main(["eval", *argv])
+    except SystemExit as e:  # a usage error, from argparse
+        found = e.code
     err = capsys.readouterr().err
-    assert status == 1 and message in err and len(err.strip().splitlines()) == 1, err
+    assert found == status and message in err and len(err.strip().splitlines()) == 1, err
