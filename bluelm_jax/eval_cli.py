@@ -1,7 +1,9 @@
 """`python -m bluelm_jax eval`: run lm-evaluation-harness tasks on a model and print the harness's table.
 
 The model is lm_eval_model.BlueLMJax; tasks are the harness's names (or, with --include-path,
-YAML task files in a directory). Bad input (an unknown task, a bad model path, a bad mesh)
+YAML task files in a directory). The model options are the other commands' (cli._add_model_args);
+--kv-cache-dtype is the KV cache of generate_until tasks. Bad input (an unknown task, a bad model
+path, a bad mesh)
 exits non-zero with one line on stderr. --output-path writes the results as JSON, complete or
 not at all. Needs the `eval` extra (lm_eval).
 """
@@ -18,22 +20,15 @@ from bluelm_jax.command_line import run_reporting_errors
 
 
 def build_parser(prog: str = "python -m bluelm_jax eval") -> argparse.ArgumentParser:
-    from bluelm_jax.cli import _Parser, _non_negative_int, _positive_int
+    from bluelm_jax.cli import _add_model_args, _non_negative_int, _Parser, _positive_int
 
     p = _Parser(prog=prog, description="Evaluate a model with lm-evaluation-harness tasks and print its table.")
-    p.add_argument("--model", default=None, metavar="PATH",
-                   help="a converted bluelm-jax directory, a Hugging Face BlueLM directory or a Hub repo id "
-                        "(default: the bundled default model)")
+    _add_model_args(p)  # --model --dtype --mesh --quantize --kv-cache-dtype, as the other commands take them
     p.add_argument("--tasks", required=True, metavar="A,B", help="comma-separated task (or group) names")
     p.add_argument("--num-fewshot", type=_non_negative_int, default=None, metavar="N",
                    help="examples in each prompt (default: the task's own)")
     p.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="at most N documents per task")
     p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="rows per batch (default 8)")
-    p.add_argument("--mesh", default=None, metavar="SPEC",
-                   help="shard the model over a device mesh, e.g. 'data=1,tensor=8' (default: one device)")
-    p.add_argument("--quantize", default=None, choices=("int8", "int4"), help="quantize the projections as they load")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="parameter and compute dtype (default: float32 on CPU, bfloat16 compute on GPU/TPU)")
     p.add_argument("--include-path", default=None, metavar="DIR", help="a directory of extra YAML task files")
     p.add_argument("--output-path", default=None, metavar="FILE", help="write the results as JSON to FILE")
     return p
@@ -67,7 +62,7 @@ def _run(args) -> str:
     task_manager = TaskManager(include_path=args.include_path)
     tasks = _task_names(args.tasks, task_manager)
     lm = BlueLMJax(pretrained=args.model, batch_size=args.batch_size, mesh=args.mesh, quantize=args.quantize,
-                   dtype=args.dtype)
+                   dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                                       task_manager=task_manager, log_samples=False)
     if args.output_path is not None:

@@ -1,16 +1,26 @@
-"""An lm-evaluation-harness model backed by bluelm-jax, registered as "bluelm-jax".
+"""An lm-evaluation-harness model backed by bluelm-jax, registered as "bluelm-jax" on import.
 
-    lm_eval --model bluelm-jax --model_args pretrained=DIR,batch_size=8,mesh=tensor=8 --tasks ...
     python -m bluelm_jax eval --model DIR --tasks ...       (bluelm_jax/eval_cli.py)
+
+    import lm_eval, bluelm_jax.lm_eval_model                # registers "bluelm-jax"
+    lm_eval.simple_evaluate(model="bluelm-jax", model_args="pretrained=DIR,batch_size=8", tasks=[...])
+
+The harness's own `lm_eval --model bluelm-jax` cannot find it: lm_eval 0.4.13 discovers models
+only through its built-in table (lm_eval/models/__init__.py) and modules imported in the same
+process, with no entry-point or plugin hook. Importing this module first imports lm_eval.models,
+whose table the registry otherwise fills only while it is empty: registering "bluelm-jax" into an
+empty registry would hide every built-in model ("hf", "local-completions", ...) from
+simple_evaluate in this process.
 
 model_args: pretrained (a model path or Hub id; default the bundled default model), batch_size
 (rows per compiled batch; "auto" means the default 8), mesh (a spec such as "data=1,tensor=8"),
 quantize ("int8" / "int4"), dtype ("float32" / "bfloat16"), max_length (tokens the model may
-read, at most its context). The harness's own `device` and `max_batch_size` are accepted and
+read, at most its context), kv_cache_dtype ("auto" / "int8": generate_until's KV cache, as
+generate.generate takes it). The harness's own `device` and `max_batch_size` are accepted and
 unused: the mesh says where the model runs.
 
 loglikelihood and loglikelihood_rolling are scoring.loglikelihood and
-scoring.loglikelihood_rolling (tokenized as the harness does for causal models; rows longer than
+scoring.loglikelihood_rolling (tokenized by scoring.encode_pair, `<s>` first; rows longer than
 max_length keep their last max_length tokens). generate_until runs generate.generate on batches
 of requests with the same generation arguments: greedy unless a request sets do_sample, at most
 `max_gen_toks` new tokens (default 256) after the prompt's last max_length - max_gen_toks tokens,
@@ -24,6 +34,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
+import lm_eval.models  # noqa: F401 - the harness's own models, registered before ours (module docstring)
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
@@ -50,8 +61,11 @@ class BlueLMJax(LM):
 
     def __init__(self, pretrained: Optional[str] = None, batch_size=DEFAULT_BATCH_SIZE, mesh: Optional[str] = None,
                  quantize: Optional[str] = None, dtype: Optional[str] = None, max_length=None, model=None,
-                 device=None, max_batch_size=None):
+                 kv_cache_dtype: Optional[str] = None, device=None, max_batch_size=None):
         super().__init__()
+        from bluelm_jax.decode import kv_cache_dtype_name
+
+        self.kv_cache_dtype = kv_cache_dtype_name(kv_cache_dtype)  # checked before a model loads
         if model is None:
             from bluelm_jax.cli import _load
 
@@ -111,7 +125,8 @@ class BlueLMJax(LM):
         """generate()'s keyword arguments for a request's gen_kwargs."""
         until = gen_kwargs.get("until") or []
         settings = {"stop": [until] if isinstance(until, str) else list(until),
-                    "max_new_tokens": int(gen_kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)), "temperature": 0.0}
+                    "max_new_tokens": int(gen_kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)), "temperature": 0.0,
+                    "kv_cache_dtype": self.kv_cache_dtype}
         if gen_kwargs.get("do_sample"):
             settings.update(temperature=float(gen_kwargs.get("temperature", 1.0)),
                             top_p=float(gen_kwargs.get("top_p", 1.0)), top_k=int(gen_kwargs.get("top_k", 0)))

@@ -13,9 +13,10 @@ pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from bluelm_jax import cli, scoring  # noqa: E402
+from bluelm_jax import cli, default_model, scoring  # noqa: E402
 from bluelm_jax.default_model import corpus  # noqa: E402
 from bluelm_jax.lm_eval_model import BlueLMJax  # noqa: E402
+from tests import server_process  # noqa: E402
 
 LETTERS = "ABCD"
 QUESTIONS = range(5, 11)  # six of the default model's corpus questions
@@ -93,21 +94,50 @@ EXPECTED = {
 }
 
 
-def test_multiple_choice_accuracy_is_the_argmax_of_the_option_loglikelihoods(lm, task_dir):
+def _evaluate(task_dir, **model) -> dict:
+    """simple_evaluate's results (samples logged) for both tiny tasks, zero-shot."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    results = lm_eval.simple_evaluate(model=lm, tasks=sorted(EXPECTED), num_fewshot=0,
-                                      task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
-                                      log_samples=True)
+    return lm_eval.simple_evaluate(**model, tasks=sorted(EXPECTED), num_fewshot=0,
+                                   task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+                                   log_samples=True)
+
+
+def _assert_scores_are_the_models(results: dict, model, atol: float) -> None:
+    """Each task's accuracy exactly, and each option's log-likelihood within atol, as computed directly."""
     for task, (prompt, choices) in EXPECTED.items():
-        logprobs, accuracy = _expected(lm.model, prompt, choices)
-        assert results["results"][task]["acc,none"] == pytest.approx(accuracy, abs=1e-12), task
+        logprobs, accuracy = _expected(model, prompt, choices)
+        assert results["results"][task]["acc,none"] == accuracy, task
         samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
         found = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
-        np.testing.assert_allclose(found, logprobs, atol=1e-5, err_msg=task)
+        np.testing.assert_allclose(found, logprobs, atol=atol, err_msg=task)
     # the texts task is the corpus's own question -> answer: the default model knows every one
     assert results["results"]["tiny_ceval_texts"]["acc,none"] == 1.0
+
+
+def test_multiple_choice_accuracy_is_the_argmax_of_the_option_loglikelihoods(lm, task_dir):
+    _assert_scores_are_the_models(_evaluate(task_dir, model=lm), lm.model, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory):
+    server = server_process.default_server(tmp_path_factory.mktemp("log") / "default.log")
+    yield server
+    server.stop()
+
+
+def local_completions_args(url: str) -> str:
+    """The harness's `local-completions` model_args for the server at url on the default model: token-id
+    prompts (`<s>` first, as BlueLMJax scores them) from the default model's tokenizer_config.json."""
+    return (f"model=bluelm-default,base_url={url}/v1/completions,tokenizer_backend=huggingface,"
+            f"tokenizer={default_model.path()},add_bos_token=True,max_length=512")
+
+
+def test_local_completions_against_the_server_scores_as_the_in_process_model(lm, default_server, task_dir):
+    results = _evaluate(task_dir, model="local-completions",
+                        model_args=local_completions_args(default_server.url) + ",batch_size=8,max_retries=1")
+    _assert_scores_are_the_models(results, lm.model, atol=1e-4)
 
 
 def test_generate_until_stops_before_the_until_string(lm):
@@ -123,6 +153,26 @@ def test_generate_until_stops_before_the_until_string(lm):
     assert stopped == full[:full.index("Paris")]
     assert short == generate(lm.model, question, max_new_tokens=3).texts[0]
     assert by_string == full[:full.index("France")]
+
+
+def test_generate_until_uses_the_kv_cache_dtype(lm, monkeypatch):
+    from bluelm_jax import generate as generate_module
+
+    question = "What is the capital of France?"
+    int8 = generate_module.generate(lm.model, question, max_new_tokens=8, kv_cache_dtype="int8").texts[0]
+    caches = []
+
+    def recording(model, prompts, **settings):
+        caches.append(settings.get("kv_cache_dtype"))
+        return real(model, prompts, **settings)
+
+    real = generate_module.generate
+    monkeypatch.setattr(generate_module, "generate", recording)
+    quantized = BlueLMJax(model=lm.model, kv_cache_dtype="int8")
+    (found,) = quantized.generate_until([Instance("generate_until", {}, (question, {"max_gen_toks": 8}), 0)])
+    assert found == int8 and caches == ["int8"]
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, int8"):
+        BlueLMJax(model=lm.model, kv_cache_dtype="int4")
 
 
 def test_loglikelihood_rolling_is_the_documents_summed_logprob(lm):
@@ -156,10 +206,15 @@ def test_eval_command_prints_the_table_and_writes_the_results(task_dir, tmp_path
     assert json.loads(out.read_text())["results"]["tiny_ceval_texts"]["acc,none"] == 1.0
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--tasks", "tiny_ceval_texts", "--include-path", "/nonexistent/tasks"], "not a directory"),
+@pytest.mark.parametrize("argv, status, message", [
+    (["--tasks", "tiny_ceval_texts", "--include-path", "/nonexistent/tasks"], 1, "not a directory"),
+    (["--tasks", "tiny_ceval_texts", "--kv-cache-dtype", "int4"], 2,
+     "argument --kv-cache-dtype: invalid choice: 'int4'"),
 ])
-def test_eval_command_refuses_bad_input_in_one_line(argv, message, task_dir, capsys):
-    status = cli.main(["eval", *argv])
+def test_eval_command_refuses_bad_input_in_one_line(argv, status, message, task_dir, capsys):
+    try:
+        found = cli.main(["eval", *argv])
+    except SystemExit as e:  # a usage error, from argparse
+        found = e.code
     err = capsys.readouterr().err
-    assert status == 1 and message in err and len(err.strip().splitlines()) == 1, err
+    assert found == status and message in err and len(err.strip().splitlines()) == 1, err

@@ -3,6 +3,9 @@
 A few million parameters, a bilingual Chinese/English SentencePiece tokenizer with the
 BlueLM special pieces, trained by bluelm_jax.train on corpus.py until it reproduces every
 trained answer under greedy decoding. Rebuild with `python -m bluelm_jax.default_model.build`.
+tokenizer_config.json (written by hand, not by the build) lets transformers' AutoTokenizer load
+tokenizer.model as the slow SentencePiece tokenizer that bluelm_jax.tokenizer reproduces, e.g. for
+lm-evaluation-harness's `local-completions` model against `python -m bluelm_jax serve`.
 """
 
 from __future__ import annotations
