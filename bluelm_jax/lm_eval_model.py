@@ -20,13 +20,14 @@ generate.generate takes it). The harness's own `device` and `max_batch_size` are
 unused: the mesh says where the model runs.
 
 loglikelihood and loglikelihood_rolling are scoring.loglikelihood and
-scoring.loglikelihood_rolling (tokenized by scoring.encode_pair, `<s>` first; rows longer than
-max_length keep their last max_length tokens). generate_until runs generate.generate on batches
-of requests with the same generation arguments: greedy unless a request sets do_sample, at most
-`max_gen_toks` new tokens (default 256) after the prompt's last max_length - max_gen_toks tokens,
-the text ending before the first of the `until` strings.
+scoring.rolling_loglikelihoods over all the requests of a call (packed and batched; tokenized by
+scoring.encode_pair, `<s>` first; rows longer than max_length keep their last max_length tokens).
+generate_until runs generate.generate on batches of requests with the same generation arguments:
+greedy unless a request sets do_sample, at most `max_gen_toks` new tokens (default 256) after the
+prompt's last max_length - max_gen_toks tokens, the text ending before the first of the `until`
+strings.
 
-This module is the only one that imports lm_eval (the `eval` extra).
+This module and eval_cli.py are the ones that import lm_eval (the `eval` extra).
 """
 
 from __future__ import annotations
@@ -80,31 +81,20 @@ class BlueLMJax(LM):
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         from bluelm_jax import scoring
 
-        pairs = [self._fit(*scoring.encode_pair(self.model, *req.args)) for req in requests]
-        scores = scoring.loglikelihood(self.model, pairs, self.batch_size)
+        scores = scoring.loglikelihood(self.model, [req.args for req in requests], self.batch_size, self.max_length)
         results = [(s.logprob, s.is_greedy) for s in scores]
         for req, result in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", req.args, result)
         return results
 
-    def _fit(self, context_ids: list[int], continuation_ids: list[int]) -> tuple[list[int], list[int]]:
-        """The pair cut to its last max_length tokens (the continuation kept whole)."""
-        row = (context_ids + continuation_ids)[-self.max_length:]
-        n = len(continuation_ids)
-        if n >= len(row):
-            raise ValueError(f"a continuation of {n} tokens leaves no context within max_length {self.max_length}")
-        return row[:-n], row[-n:]
-
     def loglikelihood_rolling(self, requests) -> list[float]:
         from bluelm_jax import scoring
 
-        results = []
-        for req in requests:
-            (text,) = req.args
-            score = scoring.loglikelihood_rolling(self.model, text, window=self.max_length, batch_size=self.batch_size)
-            results.append(score.logprob)
+        scores = scoring.rolling_loglikelihoods(self.model, [req.args[0] for req in requests], window=self.max_length,
+                                                batch_size=self.batch_size)
+        for req, score in zip(requests, scores):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, score.logprob)
-        return results
+        return [score.logprob for score in scores]
 
     def generate_until(self, requests) -> list[str]:
         results: list[Optional[str]] = [None] * len(requests)

@@ -13,10 +13,11 @@ into rows of one width (the longest such row's `score_width`, at least MIN_PACK_
 fit, longest first; each token's position restarts at its own sequence's start and it attends
 only within its own sequence (a per-query `start`, attention.py), so a packed row scores
 exactly what its sequences would alone, with next to no padding. Longer rows run alone at their
-`score_width`. The language-model head and the log-softmax run only at the positions scored
-(the continuation, for loglikelihood), gathered `scored_width` a row and at most SCORED_CHUNK
-at a time, so a 32K window never builds a [32K, vocab] table. Rows run in batches of
-`batch_size`, a smaller last batch padded with empty rows to a power of two; a program is
+`score_width`. Rows of one width run in batches of `batch_size`, those that score fewest
+positions first, a smaller last batch padded with empty rows to a power of two. The
+language-model head and the log-softmax run only at the positions scored (the continuation,
+for loglikelihood): the batch's largest count, as `scored_width` pads it, a row, and at most
+SCORED_CHUNK at a time, so a 32K window never builds a [32K, vocab] table. A program is
 compiled per (width, scored width, batch rows) and reused for every batch of that shape:
 `TRACE_COUNTS["scoring"]` counts the traces.
 
@@ -160,12 +161,34 @@ def pack_rows(lengths: Sequence[int]) -> list[tuple[int, list[int]]]:
     return [(width, members) for members in packed] + runs
 
 
+def shared_inputs(rows: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[list[int]]]:
+    """(the token sequences to run, the rows read from each). A row's predictions need only its
+    ids[:-1] as input; a row whose ids[:-1] begins another's input is read from that input, at its
+    own positions with its own targets (the options of a multiple-choice question with a one-token
+    answer share one input: the question)."""
+    order = sorted(range(len(rows)), key=lambda i: list(rows[i][:-1]))  # a prefix sorts just before its extensions
+    owner = [0] * len(rows)
+    inputs: list[list[int]] = []
+    readers: list[list[int]] = []
+    for at in reversed(range(len(order))):
+        i, prefix = order[at], list(rows[order[at]][:-1])
+        later = order[at + 1] if at + 1 < len(order) else None
+        if later is not None and list(rows[later][:len(prefix)]) == prefix and len(rows[later]) > len(prefix):
+            owner[i] = owner[later]  # the input `later` is read from extends this row's
+        else:
+            owner[i] = len(inputs)
+            inputs.append(prefix)
+            readers.append([])
+        readers[owner[i]].append(i)
+    return inputs, readers
+
+
 def token_logprobs(model, rows: Sequence[Sequence[int]], batch_size: int = 8, progress: bool = False,
                    scored_from: Optional[Sequence[int]] = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each id sequence (at least 2 ids, at most the model's context): (log p(ids[i+1] | ids[:i+1]),
     is ids[i+1] the argmax), float32 and bool arrays over the ids from scored_from[row] on (default 1:
-    all but the first, n - 1 entries). Rows run packed, in batches of `batch_size` (module docstring);
-    `progress` shows a bar of the tokens scored (stderr)."""
+    all but the first, n - 1 entries). Rows share inputs (`shared_inputs`) and run packed, in batches
+    of `batch_size` (module docstring); `progress` shows a bar of the tokens scored (stderr)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     limit = model.config.context_length
@@ -175,55 +198,59 @@ def token_logprobs(model, rows: Sequence[Sequence[int]], batch_size: int = 8, pr
             raise ValueError(f"row {i} has {len(row)} tokens: scoring needs 2 to {limit} (the model's context)")
         if not 1 <= scored_from[i] < len(row):
             raise ValueError(f"row {i}: scoring from token {scored_from[i]} of {len(row)}")
-    runs = pack_rows([len(row) for row in rows])
-    scored = [sum(len(rows[i]) - scored_from[i] for i in members) for _, members in runs]
-    by_shape: dict[tuple[int, int], list[int]] = collections.defaultdict(list)  # (width, scored width) -> runs
-    for r, (width, _) in enumerate(runs):
-        by_shape[width, scored_width(scored[r])].append(r)
+    inputs, readers = shared_inputs(rows)
+    runs = pack_rows([len(ids) for ids in inputs])
+    scored = [sum(len(rows[i]) - scored_from[i] for k in members for i in readers[k]) for _, members in runs]
+    by_width: dict[int, list[int]] = collections.defaultdict(list)  # width -> runs, fewest scored first
+    for r in sorted(range(len(runs)), key=lambda r: scored[r]):
+        by_width[runs[r][0]].append(r)
     found: list = [None] * len(rows)
     from tqdm import tqdm
 
     bar = tqdm(total=sum(scored), unit="tok", desc="scoring", disable=not progress, file=sys.stderr)
-    for (width, scored_positions), members in sorted(by_shape.items()):
+    for width, members in sorted(by_width.items()):
         for at in range(0, len(members), batch_size):
-            batch = [runs[r][1] for r in members[at:at + batch_size]]
-            arrays = _batch_arrays(rows, scored_from, batch, width, scored_positions, batch_size,
-                                   model.config.pad_token_id)
+            batch = [[(inputs[k], [(rows[i], scored_from[i]) for i in readers[k]]) for k in runs[r][1]]
+                     for r in members[at:at + batch_size]]
+            scored_positions = scored_width(max(scored[r] for r in members[at:at + batch_size]))
+            arrays = _batch_arrays(batch, width, scored_positions, batch_size, model.config.pad_token_id)
             chosen, greedy = jax.device_get(_score_rows(model.params, *map(jnp.asarray, arrays), model.config,
                                                         jnp.dtype(model.compute_dtype)))
-            for r, members_of_row in enumerate(batch):
-                offset = 0
-                for i in members_of_row:
+            for r, run in enumerate(members[at:at + batch_size]):
+                filled = 0
+                for i in (i for k in runs[run][1] for i in readers[k]):  # the order _batch_arrays fills
                     n = len(rows[i]) - scored_from[i]
-                    found[i] = (chosen[r, offset:offset + n], greedy[r, offset:offset + n])
-                    offset += n
-                bar.update(offset)
+                    found[i] = (chosen[r, filled:filled + n], greedy[r, filled:filled + n])
+                    filled += n
+                bar.update(filled)
     bar.close()
     return found
 
 
-def _batch_arrays(rows, scored_from, batch: list[list[int]], width: int, scored_positions: int,
-                  batch_size: int, pad: int) -> tuple[np.ndarray, ...]:
-    """The inputs of _score_rows for a batch of runs (each the rows packed in one row), padded with
-    empty rows to a power of two (or batch_size): tokens, positions, start [n, width], at, targets
-    [n, scored_positions]. Padding tokens attend only to themselves; padding positions score id 0."""
+def _batch_arrays(batch: list, width: int, scored_positions: int, batch_size: int,
+                  pad: int) -> tuple[np.ndarray, ...]:
+    """The inputs of _score_rows for a batch of packed rows, each a list of (input ids, [(row,
+    scored_from) read from it]), padded with empty rows to a power of two (or batch_size): tokens,
+    positions, start [n, width], at, targets [n, scored_positions]. Padding tokens attend only to
+    themselves; padding positions score id 0."""
     n = min(batch_size, 1 << (len(batch) - 1).bit_length())
     tokens = np.full((n, width), pad, np.int32)
     positions = np.zeros((n, width), np.int32)
     start = np.broadcast_to(np.arange(width, dtype=np.int32), (n, width)).copy()
     at = np.zeros((n, scored_positions), np.int32)
     targets = np.zeros((n, scored_positions), np.int32)
-    for r, members in enumerate(batch):
+    for r, packed in enumerate(batch):
         offset, filled = 0, 0
-        for i in members:
-            ids, first = rows[i], scored_from[i]
-            length, count = len(ids), len(ids) - scored_from[i]
-            tokens[r, offset:offset + length] = ids
-            positions[r, offset:offset + length] = np.arange(length)
-            start[r, offset:offset + length] = offset
-            at[r, filled:filled + count] = np.arange(offset + first - 1, offset + length - 1)
-            targets[r, filled:filled + count] = ids[first:]
-            offset, filled = offset + length, filled + count
+        for ids, reading in packed:
+            tokens[r, offset:offset + len(ids)] = ids
+            positions[r, offset:offset + len(ids)] = np.arange(len(ids))
+            start[r, offset:offset + len(ids)] = offset
+            for row, first in reading:
+                count = len(row) - first
+                at[r, filled:filled + count] = np.arange(offset + first - 1, offset + len(row) - 1)
+                targets[r, filled:filled + count] = row[first:]
+                filled += count
+            offset += len(ids)
     return tokens, positions, start, at, targets
 
 
@@ -244,7 +271,7 @@ def top_logprobs(model, ids: Sequence[int], k: int) -> TokenScores:
     n = len(ids)
     if not 2 <= n <= model.config.context_length:
         raise ValueError(f"a sequence of {n} tokens: scoring needs 2 to {model.config.context_length}")
-    arrays = _batch_arrays([list(ids)], [1], [[0]], score_width(n), scored_width(n - 1), 1,
+    arrays = _batch_arrays([[(list(ids[:-1]), [(list(ids), 1)])]], score_width(n - 1), scored_width(n - 1), 1,
                            model.config.pad_token_id)
     pieces = min(model.config.vocab_size, model.tokenizer.vocab_size)
     chosen, _, top_lp, top_ids = jax.device_get(_score_rows(model.params, *map(jnp.asarray, arrays), model.config,

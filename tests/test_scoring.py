@@ -99,6 +99,16 @@ def test_documents_roll_together_and_long_rows_score_in_chunks(hf_checkpoint):
         assert abs(score.logprob - float(_reference_logprobs(reference, ids)[0].sum())) < 1e-3 * len(ids) / 100
 
 
+def test_rows_whose_input_begins_another_share_it():
+    """Each row needs ids[:-1] as input; [1, 5, 6, 8], [1, 5, 6, 7] and [1, 5, 9] are read from
+    [1, 5, 6, 7, 2]'s input, [3, 4] runs alone. (The reference test above has one-token
+    continuations after one context: they share an input there.)"""
+    rows = [[1, 5, 6, 7], [1, 5, 6, 8], [1, 5, 9], [1, 5, 6, 7, 2], [3, 4]]
+    inputs, readers = scoring.shared_inputs(rows)
+    assert inputs == [[3], [1, 5, 6, 7]] and readers == [[4], [3, 1, 0, 2]]
+    assert scoring.shared_inputs([[1, 5], [1, 5, 6]]) == ([[1, 5]], [[1, 0]])  # [1, 5] is read at [1, 5, 6]'s first position
+
+
 def test_packing_puts_short_rows_together_best_fit_longest_first():
     runs = scoring.pack_rows([100, 200, 30, 1500, 60, 250, 90])
     assert runs == [(256, [5]), (256, [1, 2]), (256, [0, 6, 4]), (2048, [3])]  # 60 goes where 66 is free, not 56
@@ -112,9 +122,9 @@ def test_one_compilation_per_shape(hf_checkpoint):
     model = bluelm_jax.load(hf_checkpoint("tiny"))
     rng = np.random.default_rng(0)
     pairs = lambda *lengths: [(rng.integers(4, 600, n).tolist(), [5, 6, 7]) for n in lengths]  # noqa: E731
-    scoring.loglikelihood(model, pairs(140, 90, 200, 37), batch_size=2)  # packed [203, 40], [143, 93]: one batch
+    scoring.loglikelihood(model, pairs(140, 90, 200, 37), batch_size=2)  # inputs [202, 39], [142, 92]: one batch
     before = scoring.TRACE_COUNTS["scoring"]
-    scoring.loglikelihood(model, pairs(150, 160, 170, 180, 20, 50), batch_size=2)  # four packed rows: two batches
+    scoring.loglikelihood(model, pairs(150, 160, 170, 180, 20, 60), batch_size=2)  # four packed rows: two batches
     assert scoring.TRACE_COUNTS["scoring"] == before
     scoring.loglikelihood(model, pairs(300, 310), batch_size=2)  # width 320
     assert scoring.TRACE_COUNTS["scoring"] == before + 1
