@@ -4,12 +4,17 @@
 
 Both score the same (context, continuation) pairs of random token ids (contexts of 20 to 200
 tokens, continuations of 1 to 20, like multiple-choice and short-answer tasks) under the same
-random-weight checkpoint, float32 on CPU. bluelm-jax: scoring.loglikelihood (rows bucketed by
-length, batches of --batch-size, one compiled program per bucket, compiled before timing).
-transformers: the same batches (rows sorted by length, right-padded to the batch's longest),
-one forward each, float32 log-softmax and a gather, as lm-evaluation-harness's HF model does.
-Tokens per second count every token of every row (context and continuation), the work of a
-forward pass; the median of --repeats runs. The sums of the two sides are compared too.
+random-weight checkpoint, float32 on CPU. bluelm-jax: scoring.loglikelihood (inputs packed into
+rows of one width, the head only at the continuation's positions, batches of --batch-size
+packed rows, every program compiled before timing). transformers: the same pairs sorted by
+length in batches of --batch-size rows right-padded to the batch's longest, one forward each,
+float32 log-softmax and a gather, as lm-evaluation-harness's HF model does.
+
+Tokens per second count every token of every pair (context and continuation); the median of
+--repeats runs, and their ratio. Scoring is compute-bound (hundreds of tokens a forward pass), so
+the roofline is the machine's float32 matmul rate, measured here with one large jnp.dot: the
+fraction printed for each side is the work scoring needs (the layers at every input token, the
+head at each continuation token) per second over that rate. The sums of the two sides are compared too.
 """
 
 from __future__ import annotations
@@ -59,6 +64,27 @@ def reference_loglikelihood(reference, pairs, batch_size: int) -> list[float]:
     return found
 
 
+def matmul_rate(repeats: int = 5) -> float:
+    """FLOP/s of a float32 [2048, 1024] x [1024, 2752] jnp.dot (an MLP product of the medium shape), best of repeats."""
+    import jax
+    import jax.numpy as jnp
+
+    x, w = jnp.ones((2048, 1024), jnp.float32), jnp.ones((1024, 2752), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(x, w).block_until_ready()
+    best = min(timed(lambda: dot(x, w).block_until_ready(), 1) for _ in range(repeats))
+    return 2 * 2048 * 1024 * 2752 / best
+
+
+def needed_flops(config, pairs) -> float:
+    """The multiply-adds x 2 that scoring the pairs needs: every projection at each input token
+    (attention scores excluded), the head at each continuation token."""
+    h, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
+    per_token = 2 * config.num_hidden_layers * (2 * h * h + 2 * h * kv + 3 * h * config.intermediate_size)
+    inputs = sum(len(c) + len(x) - 1 for c, x in pairs)
+    return per_token * inputs + 2 * h * config.vocab_size * sum(len(x) for _, x in pairs)
+
+
 def timed(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -94,10 +120,12 @@ def main(argv=None) -> None:
     ours_s = timed(lambda: scoring.loglikelihood(model, pairs, args.batch_size), args.repeats)
     theirs_s = timed(lambda: reference_loglikelihood(reference, pairs, args.batch_size), args.repeats)
     worst = max(abs(a.logprob - b) for a, b in zip(ours, theirs))
+    peak, work = matmul_rate(), needed_flops(config, pairs)
     print(f"{args.shape} ({config.num_parameters() / 1e6:.0f}M parameters), {args.pairs} pairs, {tokens} tokens, "
           f"batch {args.batch_size}, float32, median of {args.repeats}")
-    print(f"bluelm-jax:   {tokens / ours_s:8.1f} tokens/s ({ours_s:.2f} s)")
-    print(f"transformers: {tokens / theirs_s:8.1f} tokens/s ({theirs_s:.2f} s)")
+    print(f"float32 matmul roofline {peak / 1e9:.0f} GFLOP/s; scoring needs {work / 1e9:.0f} GFLOP")
+    print(f"bluelm-jax:   {tokens / ours_s:8.1f} tokens/s ({ours_s:.2f} s), {work / ours_s / peak:.0%} of the roofline")
+    print(f"transformers: {tokens / theirs_s:8.1f} tokens/s ({theirs_s:.2f} s), {work / theirs_s / peak:.0%} of the roofline")
     print(f"ratio: {theirs_s / ours_s:.2f}x; largest difference of a pair's log-likelihood {worst:.2e}")
 
 

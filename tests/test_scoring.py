@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bluelm_jax
-from bluelm_jax import scoring
+from bluelm_jax import scoring, sharding
 from bluelm_jax.config import preset
 from tests.hf_reference import random_hf_weights, reference_model
 
@@ -51,6 +51,20 @@ def test_loglikelihoods_equal_the_reference(hf_checkpoint, name):
         assert abs(score.logprob - float(chosen[-n:].sum())) < 1e-4, (len(context), n)
         assert score.is_greedy == bool(greedy[-n:].all())
     assert [s.is_greedy for s in scores[1::2]] == [True] * 5 and not any(s.is_greedy for s in scores[0::2])
+
+
+def test_scoring_on_a_mesh_equals_one_device(hf_checkpoint):
+    """Parameters sharded over data=2,tensor=4 and the packed rows run under the mesh: the same scores."""
+    rng = np.random.default_rng(4)
+    requests = [([1] + rng.integers(4, 600, n).tolist(), rng.integers(4, 600, m).tolist())
+                for n, m in ((30, 4), (100, 1), (100, 9), (60, 20), (7, 2))]
+    expected = scoring.loglikelihood(bluelm_jax.load(hf_checkpoint("tiny")), requests, batch_size=2)
+    mesh = sharding.make_mesh("data=2,tensor=4")
+    sharded = bluelm_jax.load(hf_checkpoint("tiny"), mesh=mesh)
+    with sharding.use(mesh):
+        found = scoring.loglikelihood(sharded, requests, batch_size=2)
+    assert [s.is_greedy for s in found] == [s.is_greedy for s in expected]
+    np.testing.assert_allclose([s.logprob for s in found], [s.logprob for s in expected], atol=1e-4)
 
 
 def test_texts_are_split_at_the_context_and_scored_like_their_ids(hf_checkpoint):
