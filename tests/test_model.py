@@ -12,9 +12,13 @@ from transformers.models.llama import modeling_llama
 
 from bluelm_jax import rope
 from bluelm_jax.config import NTKMIXED_32K, RopeScaling, preset
-from bluelm_jax.model import Adapters, forward, init_cache, layer_norm, rms_norm
+from bluelm_jax.model import Adapters, init_cache, layer_norm, rms_norm
+from bluelm_jax.model import forward as eager_forward
 from bluelm_jax.params import LAYER_PROJECTIONS, LAYERS, get_path, param_shapes, set_path, shape_of
 from tests.hf_reference import ntkmixed_inv_freq_torch
+
+# compiled once per shape: op by op, the model's tests took several times as long
+forward = jax.jit(eager_forward, static_argnames=("config", "compute_dtype", "last_only", "remat", "attention_impl"))
 
 RNG = np.random.default_rng(0)
 
