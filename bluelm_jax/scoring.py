@@ -8,21 +8,25 @@ All reduce to `token_logprobs`: for each token sequence, log p(ids[i+1] | ids[:i
 whether ids[i+1] is the argmax there, for the positions asked for (`scored_from`), from one
 causal forward pass in float32 (log-probabilities as logit - logsumexp).
 
-How rows run (`pack_rows`): rows of up to PACKED_UP_TO tokens are packed, one after another,
+What runs (`shared_inputs`): a row's predictions need only its ids but the last as input, and a
+row whose input begins another's is read from that one, at its own positions with its own
+targets (a question's one-token options run the question once).
+
+How inputs run (`pack_rows`): inputs of up to PACKED_UP_TO tokens are packed, one after another,
 into rows of one width (the longest such row's `score_width`, at least MIN_PACK_WIDTH), best
 fit, longest first; each token's position restarts at its own sequence's start and it attends
 only within its own sequence (a per-query `start`, attention.py), so a packed row scores
 exactly what its sequences would alone, with next to no padding. Longer rows run alone at their
-`score_width`. Rows of one width run in batches of `batch_size`, those that score fewest
-positions first, a smaller last batch padded with empty rows to a power of two. The
-language-model head and the log-softmax run only at the positions scored (the continuation,
-for loglikelihood): the batch's largest count, as `scored_width` pads it, a row, and at most
-SCORED_CHUNK at a time, so a 32K window never builds a [32K, vocab] table. A program is
-compiled per (width, scored width, batch rows) and reused for every batch of that shape:
-`TRACE_COUNTS["scoring"]` counts the traces.
+`score_width`, with one attention start a row (so that GPUs and TPUs use their fused kernels).
+Rows of one width run in batches of `batch_size`, those that score fewest positions first, a
+smaller last batch padded with empty rows to a power of two. The language-model head and the
+log-softmax run only at the positions scored (the continuation, for loglikelihood): the batch's
+largest count, as `scored_width` pads it, a row, and at most SCORED_CHUNK at a time, so a 32K
+window never builds a [32K, vocab] table. A program is compiled per (width, scored width,
+batch rows) and reused for every batch of that shape: `TRACE_COUNTS["scoring"]` counts the traces.
 
-Texts are tokenized as lm-evaluation-harness does for a causal model: the context with `<s>`
-in front, and the continuation as the tokens that context + continuation has beyond the
+Texts are tokenized as lm-evaluation-harness splits them for a causal model with
+`add_bos_token=True`: the context with `<s>` in front, and the continuation as the tokens that context + continuation has beyond the
 context's own (so a word split across the boundary is scored as the model would read it).
 A row longer than `max_length` (default: the model's context) keeps its last `max_length` tokens.
 
@@ -91,7 +95,8 @@ def _score_rows(params: dict, tokens: jax.Array, positions: jax.Array, start: ja
                 pieces: Optional[int] = None) -> tuple[jax.Array, ...]:
     """The scores of (packed) rows at chosen positions.
 
-    tokens, positions, start: [rows, width] int32 (start: the first slot each token attends to);
+    tokens, positions: [rows, width] int32; start: [rows, width] int32, the first slot each token
+    attends to (packed rows), or [rows] (one sequence a row);
     at, targets: [rows, scored] int32: the positions whose next-token distribution is scored,
     and the token scored there. Returns (log p(target) [rows, scored] float32, target is the
     argmax [rows, scored] bool), and with top_k > 0 the top_k log-probabilities and ids among the
@@ -209,11 +214,12 @@ def token_logprobs(model, rows: Sequence[Sequence[int]], batch_size: int = 8, pr
 
     bar = tqdm(total=sum(scored), unit="tok", desc="scoring", disable=not progress, file=sys.stderr)
     for width, members in sorted(by_width.items()):
+        packed = any(len(runs[r][1]) > 1 for r in members)  # else one start a row (_batch_arrays)
         for at in range(0, len(members), batch_size):
             batch = [[(inputs[k], [(rows[i], scored_from[i]) for i in readers[k]]) for k in runs[r][1]]
                      for r in members[at:at + batch_size]]
             scored_positions = scored_width(max(scored[r] for r in members[at:at + batch_size]))
-            arrays = _batch_arrays(batch, width, scored_positions, batch_size, model.config.pad_token_id)
+            arrays = _batch_arrays(batch, width, scored_positions, batch_size, model.config.pad_token_id, packed)
             chosen, greedy = jax.device_get(_score_rows(model.params, *map(jnp.asarray, arrays), model.config,
                                                         jnp.dtype(model.compute_dtype)))
             for r, run in enumerate(members[at:at + batch_size]):
@@ -227,12 +233,13 @@ def token_logprobs(model, rows: Sequence[Sequence[int]], batch_size: int = 8, pr
     return found
 
 
-def _batch_arrays(batch: list, width: int, scored_positions: int, batch_size: int,
-                  pad: int) -> tuple[np.ndarray, ...]:
+def _batch_arrays(batch: list, width: int, scored_positions: int, batch_size: int, pad: int,
+                  per_query_start: bool = True) -> tuple[np.ndarray, ...]:
     """The inputs of _score_rows for a batch of packed rows, each a list of (input ids, [(row,
     scored_from) read from it]), padded with empty rows to a power of two (or batch_size): tokens,
-    positions, start [n, width], at, targets [n, scored_positions]. Padding tokens attend only to
-    themselves; padding positions score id 0."""
+    positions [n, width], start [n, width] (or [n] without per_query_start: rows that hold one
+    input each), at, targets [n, scored_positions]. Padding tokens attend only to themselves (or,
+    with a start a row, to the row before them); padding positions score id 0."""
     n = min(batch_size, 1 << (len(batch) - 1).bit_length())
     tokens = np.full((n, width), pad, np.int32)
     positions = np.zeros((n, width), np.int32)
@@ -251,6 +258,8 @@ def _batch_arrays(batch: list, width: int, scored_positions: int, batch_size: in
                 targets[r, filled:filled + count] = row[first:]
                 filled += count
             offset += len(ids)
+    if not per_query_start:  # one start a row, which the platform kernels take (right padding is never scored)
+        start = np.zeros((n,), np.int32)
     return tokens, positions, start, at, targets
 
 
@@ -272,7 +281,7 @@ def top_logprobs(model, ids: Sequence[int], k: int) -> TokenScores:
     if not 2 <= n <= model.config.context_length:
         raise ValueError(f"a sequence of {n} tokens: scoring needs 2 to {model.config.context_length}")
     arrays = _batch_arrays([[(list(ids[:-1]), [(list(ids), 1)])]], score_width(n - 1), scored_width(n - 1), 1,
-                           model.config.pad_token_id)
+                           model.config.pad_token_id, per_query_start=False)
     pieces = min(model.config.vocab_size, model.tokenizer.vocab_size)
     chosen, _, top_lp, top_ids = jax.device_get(_score_rows(model.params, *map(jnp.asarray, arrays), model.config,
                                                             jnp.dtype(model.compute_dtype), max(k, 1), pieces))
