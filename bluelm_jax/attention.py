@@ -156,6 +156,7 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset
     def query_block(qi, qb, start):  # qb: [batch, bq, kv_heads, group, head_dim], start: [batch, bq]
         q_slots = q_offset + qi * bq + jnp.arange(bq, dtype=jnp.int32)  # [bq]
         end_block = (q_offset + jnp.minimum((qi + 1) * bq, t) - 1) // bk + 1  # key blocks this block sees
+        begin_block = jnp.maximum(first_block, jnp.min(start) // bk)  # and none before its queries' starts
 
         def visit(kb, carry):
             m, l, acc = carry  # [batch, kv_heads, group, bq] x2, [batch, kv_heads, group, bq, head_dim]
@@ -184,12 +185,12 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset
         init = (m, jnp.zeros_like(m), jnp.zeros((b, kv_heads, g, bq, d), jnp.float32))
         if static:
             def step(carry, kb):
-                needed = (kb >= first_block) & (kb < end_block)
+                needed = (kb >= begin_block) & (kb < end_block)
                 return jax.lax.cond(needed, lambda c: visit(kb, c), lambda c: c, carry), None
 
             (m, l, acc), _ = jax.lax.scan(step, init, jnp.arange(nk, dtype=jnp.int32))
         else:
-            m, l, acc = jax.lax.fori_loop(first_block, end_block, visit, init)
+            m, l, acc = jax.lax.fori_loop(begin_block, end_block, visit, init)
         out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [batch, kv_heads, group, bq, head_dim]
         return out.transpose(0, 3, 1, 2, 4).astype(qb.dtype)  # [batch, bq, kv_heads, group, head_dim]
 
