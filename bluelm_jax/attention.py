@@ -133,7 +133,7 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset
     all (left padding) come out as zeros.
 
     Peak extra memory is one [batch, heads, block_q, block_k] score block. Each query block
-    visits key blocks min(start) / block_k .. (its last slot) / block_k only. With a static
+    visits key blocks (its queries' least start) / block_k .. (its last slot) / block_k only. With a static
     q_offset (no cache: training, fresh prefill) the key loop is a scan of `lax.cond`s, so
     the function can be differentiated (each query block is rematerialised); with a traced
     q_offset (a cache) it is a `while_loop` whose trip count is the filled part of the cache.
@@ -147,16 +147,16 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: Offset
     static = isinstance(q_offset, int)
     q_offset = jnp.asarray(q_offset, jnp.int32)
     start = query_starts(start, t)  # [batch, seq]
-    first_block = jnp.min(start) // bk  # key blocks wholly before every query's start are skipped
 
     q = jnp.pad(q, ((0, 0), (0, nq * bq - t), (0, 0), (0, 0)))
     q = q.reshape(b, nq, bq, kv_heads, g, d).swapaxes(0, 1)  # [nq, batch, bq, kv_heads, group, head_dim]
-    start = jnp.pad(start, ((0, 0), (0, nq * bq - t))).reshape(b, nq, bq).swapaxes(0, 1)  # [nq, batch, bq]
+    start = jnp.pad(start, ((0, 0), (0, nq * bq - t)), mode="edge")  # padding queries copy the last one's
+    start = start.reshape(b, nq, bq).swapaxes(0, 1)  # [nq, batch, bq]
 
     def query_block(qi, qb, start):  # qb: [batch, bq, kv_heads, group, head_dim], start: [batch, bq]
         q_slots = q_offset + qi * bq + jnp.arange(bq, dtype=jnp.int32)  # [bq]
         end_block = (q_offset + jnp.minimum((qi + 1) * bq, t) - 1) // bk + 1  # key blocks this block sees
-        begin_block = jnp.maximum(first_block, jnp.min(start) // bk)  # and none before its queries' starts
+        begin_block = jnp.min(start) // bk  # key blocks wholly before all its queries' starts are skipped
 
         def visit(kb, carry):
             m, l, acc = carry  # [batch, kv_heads, group, bq] x2, [batch, kv_heads, group, bq, head_dim]

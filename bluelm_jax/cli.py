@@ -318,11 +318,9 @@ def run_perplexity(args) -> None:
         text = f.read()
     if not text.strip():
         raise UsageError(f"{args.file}: empty")
-    from bluelm_jax import scoring
+    from bluelm_jax import scoring, sharding
 
     model, mesh = _load(args)
-    from bluelm_jax import sharding
-
     with sharding.use(mesh):
         score = scoring.loglikelihood_rolling(model, text, args.window, args.stride, args.batch_size,
                                               progress=not args.json)

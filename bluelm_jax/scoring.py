@@ -216,13 +216,13 @@ def token_logprobs(model, rows: Sequence[Sequence[int]], batch_size: int = 8, pr
     for width, members in sorted(by_width.items()):
         packed = any(len(runs[r][1]) > 1 for r in members)  # else one start a row (_batch_arrays)
         for at in range(0, len(members), batch_size):
-            batch = [[(inputs[k], [(rows[i], scored_from[i]) for i in readers[k]]) for k in runs[r][1]]
-                     for r in members[at:at + batch_size]]
-            scored_positions = scored_width(max(scored[r] for r in members[at:at + batch_size]))
+            chunk = members[at:at + batch_size]
+            batch = [[(inputs[k], [(rows[i], scored_from[i]) for i in readers[k]]) for k in runs[r][1]] for r in chunk]
+            scored_positions = scored_width(max(scored[r] for r in chunk))
             arrays = _batch_arrays(batch, width, scored_positions, batch_size, model.config.pad_token_id, packed)
             chosen, greedy = jax.device_get(_score_rows(model.params, *map(jnp.asarray, arrays), model.config,
                                                         jnp.dtype(model.compute_dtype)))
-            for r, run in enumerate(members[at:at + batch_size]):
+            for r, run in enumerate(chunk):
                 filled = 0
                 for i in (i for k in runs[run][1] for i in readers[k]):  # the order _batch_arrays fills
                     n = len(rows[i]) - scored_from[i]
